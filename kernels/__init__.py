@@ -1,0 +1,1 @@
+"""Triton kernels of knnmem (installed as the subpackage `knnmem.kernels`)."""

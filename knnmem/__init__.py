@@ -1,0 +1,5 @@
+"""knnmem: long-term kNN memory for transformers, as in Memorizing Transformers (Wu et al., 2022)."""
+from .memory import KNNMemory
+
+__all__ = ["KNNMemory"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The long-document evaluation (`knnmem eval`)."""

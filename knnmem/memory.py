@@ -1,0 +1,276 @@
+"""`KNNMemory`: a bounded per-(batch row, KV head) memory of keys and values, with kNN search.
+
+Storage is a ring buffer: `keys`, `values` of shape `(B, H, M, D)`. Row `b`'s n-th written token
+goes to slot `n % M`, so when a row is full the oldest entries are overwritten first (FIFO), and
+the valid slots of a row are always `[0, counts[b])`. Search results are slots, so an attention
+kernel reads `keys[b, h, idx]` directly, and ids can never drift from the stored rows.
+
+Rows are separate documents and heads separate memories: nothing is ever searched across them.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ._checks import check_dim, check_finite, check_floating, check_positive_int, check_tensor
+from .search import BACKENDS, auto_backend, make_backend
+
+_FORMAT_VERSION = 1
+
+
+class KNNMemory:
+    """Per-row, per-head kNN memory.
+
+    Args:
+        batch_size: number of independent rows (documents streamed side by side), B.
+        heads: number of key/value heads, H. Queries may have any multiple of H heads (GQA).
+        head_dim: D.
+        max_memories: capacity per (row, head), M; the oldest entries are overwritten first.
+        backend: "auto" (default), "exact", "flat", "ivf" or "hnsw"; see `knnmem.search`.
+            The resolved choice is `memory.backend`.
+        normalize: L2-normalise keys on write and queries on search (the paper's form).
+            False keeps raw keys and searches by raw inner product (training-free retrofits).
+        device: where the buffers live (default: CPU).
+        dtype: buffer dtype (default: float16 on CUDA, float32 on CPU, where fp16 math is slow).
+        backend_options: keyword options of the backend (ivf: nlist, nprobe; hnsw: m, ef_search).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        heads: int,
+        head_dim: int,
+        max_memories: int = 65536,
+        *,
+        backend: str = "auto",
+        normalize: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend_options: dict | None = None,
+    ) -> None:
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.heads = check_positive_int("heads", heads)
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        self.max_memories = check_positive_int("max_memories", max_memories)
+        device = torch.device(device if device is not None else "cpu")
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.normalize = bool(normalize)
+        shape = (batch_size, heads, max_memories, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # Tokens ever written per row since its last clear (on CPU: it drives Python control flow).
+        self.written = torch.zeros(batch_size, dtype=torch.long)
+        name = auto_backend(device, max_memories) if backend == "auto" else backend
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        self._backend_options = dict(backend_options or {})
+        self._search = make_backend(name, self, **self._backend_options)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def backend(self) -> str:
+        """The resolved search backend, e.g. "exact" or "ivf(nlist=256, nprobe=64)"."""
+        return self._search.describe()
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Valid entries per row, (B,): valid slots of row b are [0, counts[b])."""
+        return self.written.clamp(max=self.max_memories)
+
+    def __len__(self) -> int:
+        return int(self.counts.sum())
+
+    def __repr__(self) -> str:
+        return (
+            f"KNNMemory(batch_size={self.batch_size}, heads={self.heads}, head_dim={self.head_dim}, "
+            f"max_memories={self.max_memories}, backend={self.backend!r}, normalize={self.normalize}, "
+            f"device={self.device}, dtype={self.dtype}, stored={self.counts.tolist()})"
+        )
+
+    # ------------------------------------------------------------------ writing
+    def _check_kv(self, name: str, x: torch.Tensor) -> None:
+        doc = f"(B={self.batch_size}, H={self.heads}, T, D={self.head_dim})"
+        check_tensor(name, x, 4, doc)
+        check_floating(name, x)
+        check_dim(name, x, 0, self.batch_size, doc)
+        check_dim(name, x, 1, self.heads, doc)
+        check_dim(name, x, 3, self.head_dim, doc)
+        check_finite(name, x)
+
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Append tokens to memory (detached).
+
+        keys, values: (B, H, T, D). mask: optional (B, T) bool, True = store this token
+        (padding must be False: it is never stored). Tokens are written in order; a row that
+        receives more than M tokens keeps the last M.
+        """
+        self._check_kv("keys", keys)
+        self._check_kv("values", values)
+        if values.shape != keys.shape:
+            raise ValueError(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
+        T = keys.shape[2]
+        if mask is not None:
+            check_tensor("mask", mask, 2, f"(B={self.batch_size}, T={T})")
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor of shape (B, T), got dtype {mask.dtype}")
+            if tuple(mask.shape) != (self.batch_size, T):
+                raise ValueError(f"mask must have shape (B={self.batch_size}, T={T}), got {tuple(mask.shape)}")
+        if self.normalize:
+            keys = F.normalize(keys.float(), dim=-1)
+        keys = keys.to(self.device, self.dtype)
+        values = values.to(self.device, self.dtype)
+        M = self.max_memories
+        for row in range(self.batch_size):
+            tokens = torch.arange(T) if mask is None else mask[row].nonzero().flatten().cpu()
+            n = tokens.numel()
+            if n == 0:
+                continue
+            tokens = tokens[-M:]  # earlier ones would be overwritten within this very write
+            first = int(self.written[row]) + n - tokens.numel()
+            slots = (first + torch.arange(tokens.numel())) % M
+            overwrote = int(self.written[row]) + n > M
+            dev_slots, dev_tokens = slots.to(self.device), tokens.to(self.device)
+            self.keys[row, :, dev_slots] = keys[row][:, dev_tokens]
+            self.values[row, :, dev_slots] = values[row][:, dev_tokens]
+            self.written[row] += n
+            self._search.on_write(row, slots, overwrote)
+
+    def clear(self, rows: int | list[int] | torch.Tensor | None = None) -> None:
+        """Empty all rows, or the given batch rows (a new document starts in each)."""
+        if rows is None:
+            rows = range(self.batch_size)
+        elif isinstance(rows, int):
+            rows = [rows]
+        elif isinstance(rows, torch.Tensor):
+            rows = rows.flatten().tolist() if rows.dtype != torch.bool else rows.nonzero().flatten().tolist()
+        for row in rows:
+            if not 0 <= int(row) < self.batch_size:
+                raise ValueError(f"rows must be in [0, {self.batch_size}), got {row}")
+            self.written[int(row)] = 0
+            self._search.on_clear(int(row))
+
+    # ------------------------------------------------------------------ reading
+    def _check_queries(self, queries: torch.Tensor) -> int:
+        doc = f"(B={self.batch_size}, Hq, T, D={self.head_dim}) with Hq a multiple of H={self.heads}"
+        check_tensor("queries", queries, 4, doc)
+        check_floating("queries", queries)
+        check_dim("queries", queries, 0, self.batch_size, doc)
+        check_dim("queries", queries, 3, self.head_dim, doc)
+        if queries.shape[1] % self.heads:
+            raise ValueError(f"queries must have shape {doc}, got {tuple(queries.shape)}")
+        check_finite("queries", queries)
+        return queries.shape[1] // self.heads
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k memories of each query, within its own row and KV head.
+
+        queries: (B, Hq, T, D); query head j searches KV head j // (Hq // H), as in
+        grouped-query attention. Returns (scores float32, indices int64), each (B, Hq, T, k):
+        indices are slots of `keys`/`values`, -1 (score -inf) where fewer than k memories exist.
+        """
+        group = self._check_queries(queries)
+        k = check_positive_int("k", k)
+        B, Hq, T, D = queries.shape
+        if self.normalize:
+            queries = F.normalize(queries.float(), dim=-1)
+        grouped = queries.to(self.device).reshape(B, self.heads, group * T, D)
+        scores, indices = self._search.search(grouped, k)
+        return scores.reshape(B, Hq, T, k), indices.reshape(B, Hq, T, k)
+
+    def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored (keys, values) at `indices` (B, Hq, T, k) -> two (B, Hq, T, k, D) tensors.
+
+        Empty slots (-1) read as zeros. Attention code that can read rows by index (the Triton
+        kernel) uses `keys`/`values` directly instead of this copy.
+        """
+        group = indices.shape[1] // self.heads
+        return gather_rows(self.keys, indices, group), gather_rows(self.values, indices, group)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write keys, values and metadata to one safetensors file (metadata as JSON)."""
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "batch_size": self.batch_size,
+            "heads": self.heads,
+            "head_dim": self.head_dim,
+            "max_memories": self.max_memories,
+            "normalize": self.normalize,
+            "backend": self._search.name,
+            "backend_options": self._backend_options,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        tensors = {"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu(),
+                   "written": self.written.clone(), **self._search.state_tensors()}
+        save_file(tensors, os.fspath(path), metadata={"knnmem": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None,
+             backend: str | None = None) -> "KNNMemory":
+        """Read a file written by `save`. Raises ValueError if it is truncated or inconsistent."""
+        path = os.fspath(path)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                raw_meta = (f.metadata() or {}).get("knnmem")
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable knnmem memory file: {err}") from err
+        if raw_meta is None:
+            raise ValueError(f"{path} has no knnmem metadata: not written by KNNMemory.save")
+        meta = json.loads(raw_meta)
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')}")
+        shape = (meta["batch_size"], meta["heads"], meta["max_memories"], meta["head_dim"])
+        for name, expected in (("keys", shape), ("values", shape), ("written", (meta["batch_size"],))):
+            if name not in tensors or tuple(tensors[name].shape) != expected:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise ValueError(f"{path}: tensor {name!r} should have shape {expected}, got {got}")
+        memory = cls(
+            meta["batch_size"], meta["heads"], meta["head_dim"], meta["max_memories"],
+            backend=backend or meta["backend"], normalize=meta["normalize"], device=device,
+            dtype=getattr(torch, meta["dtype"]), backend_options=meta["backend_options"],
+        )
+        memory.keys.copy_(tensors["keys"])
+        memory.values.copy_(tensors["values"])
+        memory.written.copy_(tensors["written"])
+        if backend in (None, meta["backend"]):
+            memory._search.load_state(tensors)
+        else:  # another backend was asked for: build its indexes from the buffer, in slot order
+            for row in range(memory.batch_size):
+                count = int(memory.counts[row])
+                if count:
+                    memory._search.on_write(row, torch.arange(count), overwrote=False)
+        return memory
+
+
+def gather_rows(table: torch.Tensor, indices: torch.Tensor, group: int) -> torch.Tensor:
+    """table: (B, H, M, D); indices: (B, H * group, T, k), -1 = empty -> (B, H * group, T, k, D).
+
+    Query head j reads KV head j // group. Empty slots read as zeros.
+    """
+    B, H, M, D = table.shape
+    head = torch.arange(indices.shape[1], device=indices.device) // group
+    flat = (torch.arange(B, device=indices.device)[:, None] * H + head[None, :]) * M  # (B, Hq)
+    flat = flat[:, :, None, None] + indices.clamp(min=0)
+    rows = table.reshape(B * H * M, D)[flat.flatten()].reshape(*indices.shape, D)
+    return rows.masked_fill((indices < 0)[..., None], 0)

@@ -1,0 +1,278 @@
+"""Search backends of `KNNMemory`: exact top-k in torch, and FAISS flat / IVF / HNSW.
+
+Every backend answers the same question: for queries `(B, H, N, D)` and a store whose row `b`
+holds valid keys in slots `[0, count[b])` of `keys (B, H, M, D)`, return the top-k
+`(scores, indices)` of shape `(B, H, N, k)`, where an index is a slot of the store (so it can be
+read straight from the store's tensors) and `-1` (score `-inf`) marks an empty result.
+
+Stateless backends (`exact`, `flat`) search the store's own tensors, so their indices can never
+drift from the stored rows. Stateful ones (`ivf`, `hnsw`) keep one FAISS index per (row, head)
+whose ids are the slots themselves, updated on every write (`on_write`) and clear (`on_clear`).
+
+Trade-offs, for choosing a backend:
+- `exact`: torch matmul + top-k, chunked over the memory, on the store's device. Exact; the
+  fastest choice on a GPU and on a CPU up to a few hundred thousand memories per head.
+- `flat`: FAISS brute force (`faiss.knn`) over the store's buffer. Exact; CPU, float32.
+- `ivf`: FAISS IVF-Flat with `nlist ~ sqrt(max_memories)` lists, trained once from the buffer when
+  `39 * nlist` keys exist (exact search before that), `nprobe = max(32, nlist // 8)` by default.
+  Supports deletion, so FIFO overwrites are cheap. The choice for large memories on a CPU.
+- `hnsw`: FAISS HNSW-Flat (M=32, efSearch=128). Fast, high recall, but slow to build and it cannot
+  delete: once a row's memory is full, every write that overwrites entries rebuilds that row's
+  index from the buffer. Use it for memories that are written once and read many times.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import faiss
+import numpy as np
+import torch
+
+BACKENDS = ("exact", "flat", "ivf", "hnsw")
+
+# Largest score block (queries x memory chunk) that the exact search materialises at once.
+_EXACT_BLOCK_ELEMENTS = 1 << 25
+
+
+def _pad_topk(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (..., k') results to (..., k) with -inf / -1, and mark -inf scores as index -1."""
+    missing = k - scores.shape[-1]
+    if missing > 0:
+        scores = torch.nn.functional.pad(scores, (0, missing), value=-math.inf)
+        indices = torch.nn.functional.pad(indices, (0, missing), value=-1)
+    indices = indices.masked_fill(torch.isneginf(scores), -1)
+    return scores, indices
+
+
+def exact_search(
+    keys: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k. keys: (B, H, M, D); counts: (B,); queries: (B, H, N, D)."""
+    B, H, N, _ = queries.shape
+    used = int(counts.max()) if counts.numel() else 0
+    compute_dtype = torch.float32 if keys.device.type == "cpu" else keys.dtype
+    q = queries.to(compute_dtype)
+    counts = counts.to(keys.device)
+    chunk = max(1024, _EXACT_BLOCK_ELEMENTS // max(1, B * H * N))
+    best_s = queries.new_empty(B, H, N, 0, dtype=torch.float32)
+    best_i = torch.empty(B, H, N, 0, dtype=torch.long, device=queries.device)
+    for start in range(0, used, chunk):
+        stop = min(used, start + chunk)
+        scores = (q @ keys[:, :, start:stop].to(compute_dtype).transpose(-1, -2)).float()
+        slot = torch.arange(start, stop, device=keys.device)
+        invalid = slot[None, :] >= counts[:, None]  # (B, C)
+        scores.masked_fill_(invalid[:, None, None, :], -math.inf)
+        top_s, top_i = scores.topk(min(k, stop - start), dim=-1)
+        best_s = torch.cat([best_s, top_s], dim=-1)
+        best_i = torch.cat([best_i, top_i + start], dim=-1)
+        if best_s.shape[-1] > k:
+            best_s, keep = best_s.topk(k, dim=-1)
+            best_i = best_i.gather(-1, keep)
+    return _pad_topk(best_s, best_i, k)
+
+
+def _faiss_results(D: np.ndarray, I: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.from_numpy(D).float()
+    indices = torch.from_numpy(I).long()
+    scores = scores.masked_fill(indices < 0, -math.inf)
+    return scores.to(device), indices.to(device)
+
+
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
+class SearchBackend(ABC):
+    """Base class. `memory` is the owning `KNNMemory` (keys, counts, max_memories, heads)."""
+
+    name = ""
+
+    def __init__(self, memory) -> None:
+        self.memory = memory
+
+    def on_write(self, row: int, slots: torch.Tensor, overwrote: bool) -> None:
+        """Called after `slots` (1-D, in write order) of batch row `row` received new keys."""
+
+    def on_clear(self, row: int) -> None:
+        """Called after batch row `row` was emptied."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that `load_state` needs to restore the backend exactly (none if stateless)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore from `state_tensors`. Stateless backends have nothing to restore."""
+
+    @abstractmethod
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries: (B, H, N, D) -> (scores, indices), each (B, H, N, k)."""
+
+    def describe(self) -> str:
+        return self.name
+
+
+class ExactBackend(SearchBackend):
+    name = "exact"
+
+    def search(self, queries, k):
+        return exact_search(self.memory.keys, self.memory.counts, queries, k)
+
+
+class FlatBackend(SearchBackend):
+    """FAISS brute force over the store's own buffer: no second copy, no id bookkeeping."""
+
+    name = "flat"
+
+    def search(self, queries, k):
+        mem = self.memory
+        B, H, N, _ = queries.shape
+        scores = torch.full((B, H, N, k), -math.inf, device=queries.device)
+        indices = torch.full((B, H, N, k), -1, dtype=torch.long, device=queries.device)
+        for b in range(B):
+            count = int(mem.counts[b])
+            if count == 0:
+                continue
+            for h in range(H):
+                D, I = faiss.knn(
+                    _as_numpy(queries[b, h]), _as_numpy(mem.keys[b, h, :count]), min(k, count),
+                    metric=faiss.METRIC_INNER_PRODUCT,
+                )
+                s, i = _faiss_results(D, I, queries.device)
+                scores[b, h, :, : s.shape[-1]] = s
+                indices[b, h, :, : i.shape[-1]] = i
+        return scores, indices
+
+
+class _PerRowHeadIndexes(SearchBackend):
+    """Shared bookkeeping of the stateful backends: one FAISS index per (row, head)."""
+
+    def __init__(self, memory) -> None:
+        super().__init__(memory)
+        self.indexes: list[list[faiss.Index | None]] = [
+            [None] * memory.heads for _ in range(memory.batch_size)
+        ]
+
+    def on_clear(self, row):
+        self.indexes[row] = [None] * self.memory.heads
+
+    def _search_row_head(self, index: faiss.Index, q: np.ndarray, k: int):
+        return index.search(q, k)
+
+    def state_tensors(self):
+        # Approximate indexes are saved as built: rebuilding them would give other results.
+        return {
+            f"index.{b}.{h}": torch.from_numpy(faiss.serialize_index(index))
+            for b, row in enumerate(self.indexes) for h, index in enumerate(row) if index is not None
+        }
+
+    def load_state(self, tensors):
+        for name, data in tensors.items():
+            if name.startswith("index."):
+                b, h = map(int, name.split(".")[1:])
+                self.indexes[b][h] = faiss.deserialize_index(data.numpy())
+
+    def search(self, queries, k):
+        mem = self.memory
+        B, H, N, _ = queries.shape
+        if all(index is None for row in self.indexes for index in row):
+            return exact_search(mem.keys, mem.counts, queries, k)
+        scores = torch.full((B, H, N, k), -math.inf, device=queries.device)
+        indices = torch.full((B, H, N, k), -1, dtype=torch.long, device=queries.device)
+        for b in range(B):
+            for h in range(H):
+                index = self.indexes[b][h]
+                if index is None:  # not built yet for this row (e.g. IVF before training)
+                    counts = mem.counts[b : b + 1]
+                    s, i = exact_search(mem.keys[b : b + 1, h : h + 1], counts, queries[b : b + 1, h : h + 1], k)
+                    scores[b, h], indices[b, h] = s[0, 0], i[0, 0]
+                    continue
+                D, I = self._search_row_head(index, _as_numpy(queries[b, h]), k)
+                scores[b, h], indices[b, h] = _faiss_results(D, I, queries.device)
+        return scores, indices
+
+
+class IVFBackend(_PerRowHeadIndexes):
+    """IVF-Flat per (row, head); ids are slots; exact search until enough keys to train."""
+
+    name = "ivf"
+
+    def __init__(self, memory, nlist: int | None = None, nprobe: int | None = None) -> None:
+        super().__init__(memory)
+        M = memory.max_memories
+        self.nlist = nlist or max(1, min(4096, round(math.sqrt(M)), M // 39))
+        self.nprobe = nprobe or min(self.nlist, max(32, self.nlist // 8))
+        self.train_size = min(memory.max_memories, 39 * self.nlist)
+
+    def _build(self, row: int, h: int) -> faiss.Index:
+        mem = self.memory
+        count = int(mem.counts[row])
+        data = _as_numpy(mem.keys[row, h, :count])
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(mem.head_dim), mem.head_dim, self.nlist,
+                                   faiss.METRIC_INNER_PRODUCT)
+        index.train(data)
+        index.add_with_ids(data, np.arange(count, dtype=np.int64))
+        index.nprobe = self.nprobe
+        return index
+
+    def on_write(self, row, slots, overwrote):
+        mem = self.memory
+        if self.indexes[row][0] is None:
+            if int(mem.counts[row]) >= self.train_size:
+                self.indexes[row] = [self._build(row, h) for h in range(mem.heads)]
+            return
+        ids = slots.cpu().numpy().astype(np.int64)
+        for h, index in enumerate(self.indexes[row]):
+            if overwrote:
+                index.remove_ids(ids)
+            index.add_with_ids(_as_numpy(mem.keys[row, h, slots]), ids)
+
+    def describe(self):
+        return f"ivf(nlist={self.nlist}, nprobe={self.nprobe})"
+
+
+class HNSWBackend(_PerRowHeadIndexes):
+    """HNSW-Flat per (row, head). It cannot delete: a write that overwrites entries rebuilds
+    the row's index from the buffer, in slot order, so that ids stay equal to slots."""
+
+    name = "hnsw"
+
+    def __init__(self, memory, m: int = 32, ef_search: int = 128) -> None:
+        super().__init__(memory)
+        self.m = m
+        self.ef_search = ef_search
+
+    def _new_index(self) -> faiss.Index:
+        index = faiss.IndexHNSWFlat(self.memory.head_dim, self.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = self.ef_search
+        return index
+
+    def on_write(self, row, slots, overwrote):
+        mem = self.memory
+        if overwrote or self.indexes[row][0] is None:
+            self.indexes[row] = [self._new_index() for _ in range(mem.heads)]
+            slots = torch.arange(int(mem.counts[row]))
+        for h, index in enumerate(self.indexes[row]):
+            assert index.ntotal == int(slots[0]), "HNSW ids must equal slots"  # invariant
+            index.add(_as_numpy(mem.keys[row, h, slots.to(mem.keys.device)]))
+
+    def _search_row_head(self, index, q, k):
+        index.hnsw.efSearch = max(self.ef_search, k)
+        return index.search(q, k)
+
+    def describe(self):
+        return f"hnsw(M={self.m}, efSearch={self.ef_search})"
+
+
+def make_backend(name: str, memory, **options) -> SearchBackend:
+    classes = {"exact": ExactBackend, "flat": FlatBackend, "ivf": IVFBackend, "hnsw": HNSWBackend}
+    if name not in classes:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    return classes[name](memory, **options)
+
+
+def auto_backend(device: torch.device, max_memories: int) -> str:
+    """Exact search wins on a GPU, and on a CPU until memories get large (see benchmarks)."""
+    if device.type != "cpu" or max_memories <= 262_144:
+        return "exact"
+    return "ivf"

@@ -1,0 +1,216 @@
+import math
+
+import pytest
+import torch
+
+from knnmem import KNNMemory
+from knnmem.synthetic import clustered_keys
+
+BACKENDS = ["exact", "flat", "ivf", "hnsw"]
+
+
+def _stream_ids(memory: KNNMemory, total: int, chunk_sizes, seed=0):
+    """Stream `total` tokens per row; value[..., 0] holds the token's id (its write position)."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = memory.batch_size, memory.heads, memory.head_dim
+    keys_by_id, written, i = [], 0, 0
+    while written < total:
+        n = min(chunk_sizes[i % len(chunk_sizes)], total - written)
+        keys = torch.nn.functional.normalize(torch.randn(B, H, n, D, generator=g), dim=-1)
+        values = torch.zeros(B, H, n, D)
+        values[..., 0] = torch.arange(written, written + n, dtype=torch.float32)
+        memory.add(keys, values)
+        keys_by_id.append(keys)
+        written += n
+        i += 1
+    return torch.cat(keys_by_id, dim=2)  # (B, H, total, D)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fifo_after_10x_overflow_ids_match_stored_rows(backend):
+    M = 300
+    memory = KNNMemory(2, 2, 16, M, backend=backend, backend_options={"nlist": 8} if backend == "ivf" else None)
+    keys = _stream_ids(memory, 10 * M + 17, chunk_sizes=[37, 64, 5, 91])
+    total = keys.shape[2]
+    # The store holds exactly the last M tokens of every (row, head).
+    stored_ids = memory.values[..., 0].long()
+    for b in range(2):
+        for h in range(2):
+            assert sorted(stored_ids[b, h].tolist()) == list(range(total - M, total))
+    # Every returned index points at the stored row that produced its score (no id drift),
+    # and querying with a recent token's own key finds that token.
+    recent = keys[:, :, total - 40:]
+    scores, idx = memory.search(recent, 4)
+    stored_k, stored_v = memory.gather(idx)
+    assert (idx >= 0).all()
+    torch.testing.assert_close(scores, torch.einsum("bhtd,bhtkd->bhtk", recent, stored_k), atol=1e-5, rtol=0)
+    top_ids = stored_v[..., 0, 0].long()
+    expected = torch.arange(total - 40, total).expand(2, 2, 40)
+    assert (top_ids == expected).float().mean() >= (1.0 if backend in ("exact", "flat") else 0.95)
+    # A token older than M is gone: its own key no longer scores 1.
+    old_scores, _ = memory.search(keys[:, :, :5], 1)
+    assert (old_scores < 0.999).all()
+
+
+@pytest.mark.parametrize("backend", ["ivf", "hnsw"])
+def test_approximate_recall_against_exact_on_clustered_keys(backend):
+    g = torch.Generator().manual_seed(1)
+    M, D, k = 4096, 32, 16
+    data = clustered_keys(2 * M + 200, D, generator=g).reshape(1, 2, M + 100, D)
+    keys, queries = data[:, :, :M], data[:, :, M:]
+    exact, approx = KNNMemory(1, 2, D, M, backend="exact"), KNNMemory(1, 2, D, M, backend=backend)
+    for memory in (exact, approx):
+        for start in range(0, M, 512):
+            memory.add(keys[:, :, start:start + 512], keys[:, :, start:start + 512])
+    _, truth = exact.search(queries, k)
+    _, found = approx.search(queries, k)
+    hits = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
+    assert hits >= 0.9, f"{approx.backend}: recall@{k} = {hits:.3f}"
+
+
+def test_flat_equals_exact():
+    g = torch.Generator().manual_seed(2)
+    memories = [KNNMemory(2, 2, 8, 100, backend=b) for b in ("exact", "flat")]
+    keys = torch.randn(2, 2, 70, 8, generator=g)
+    for memory in memories:
+        memory.add(keys, keys)
+    queries = torch.randn(2, 4, 6, 8, generator=g)
+    (s1, i1), (s2, i2) = (m.search(queries, 100) for m in memories)
+    assert torch.equal(i1, i2)
+    torch.testing.assert_close(s1, s2, atol=1e-6, rtol=0)
+    assert (i1[..., 70:] == -1).all() and torch.isneginf(s1[..., 70:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_and_heads_are_isolated(backend):
+    g = torch.Generator().manual_seed(3)
+    together = KNNMemory(2, 2, 8, 64, backend=backend)
+    keys = torch.randn(2, 2, 50, 8, generator=g)
+    together.add(keys, keys)
+    queries = torch.randn(2, 4, 5, 8, generator=g)  # GQA: query heads 0,1 -> KV head 0; 2,3 -> 1
+    s, i = together.search(queries, 8)
+    for b in range(2):
+        for h in range(2):
+            alone = KNNMemory(1, 1, 8, 64, backend=backend)
+            alone.add(keys[b:b + 1, h:h + 1], keys[b:b + 1, h:h + 1])
+            s1, i1 = alone.search(queries[b:b + 1, 2 * h:2 * h + 2].reshape(1, 1, 10, 8), 8)
+            assert torch.equal(i[b, 2 * h:2 * h + 2].reshape(10, 8), i1[0, 0])
+            torch.testing.assert_close(s[b, 2 * h:2 * h + 2].reshape(10, 8), s1[0, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clear_rows(backend):
+    memory = KNNMemory(2, 1, 8, 64, backend=backend)
+    keys = torch.randn(2, 1, 20, 8)
+    memory.add(keys, keys)
+    memory.clear(rows=[0])
+    assert memory.counts.tolist() == [0, 20]
+    _, idx = memory.search(keys, 3)
+    assert (idx[0] == -1).all() and (idx[1] >= 0).all()
+    memory.add(keys[:, :, :5], keys[:, :, :5])  # row 0 restarts at slot 0
+    assert memory.counts.tolist() == [5, 25]
+    _, idx = memory.search(keys[:, :, :5], 1)
+    assert idx[0, 0, :, 0].tolist() == [0, 1, 2, 3, 4]
+    memory.clear()
+    assert len(memory) == 0
+
+
+def test_mask_never_stores_padding():
+    memory = KNNMemory(2, 1, 4, 16, backend="exact")
+    values = torch.arange(6.0).view(1, 1, 6, 1).expand(2, 1, 6, 4).contiguous()
+    mask = torch.tensor([[True, True, False, True, False, False], [False] * 6])
+    memory.add(torch.randn(2, 1, 6, 4), values, mask=mask)
+    assert memory.counts.tolist() == [3, 0]
+    assert memory.values[0, 0, :3, 0].tolist() == [0.0, 1.0, 3.0]
+
+
+def test_normalize_false_keeps_raw_inner_product():
+    memory = KNNMemory(1, 1, 4, 8, normalize=False)
+    keys = torch.tensor([[[[1.0, 0, 0, 0], [3.0, 0, 0, 0]]]])
+    memory.add(keys, keys)
+    scores, idx = memory.search(torch.tensor([[[[2.0, 0, 0, 0]]]]), 2)
+    assert idx.flatten().tolist() == [1, 0] and scores.flatten().tolist() == [6.0, 2.0]
+    normalized = KNNMemory(1, 1, 4, 8)
+    normalized.add(keys, keys)
+    scores, _ = normalized.search(torch.tensor([[[[2.0, 0, 0, 0]]]]), 2)
+    assert scores.flatten().tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_load_round_trip(tmp_path, backend):
+    memory = KNNMemory(2, 2, 8, 40, backend=backend)
+    _stream_ids(memory, 130, chunk_sizes=[30])
+    path = tmp_path / "memory.safetensors"
+    memory.save(path)
+    loaded = KNNMemory.load(path)
+    assert loaded.backend == memory.backend and loaded.counts.tolist() == memory.counts.tolist()
+    queries = torch.randn(2, 2, 7, 8)
+    for a, b in zip(memory.search(queries, 5), loaded.search(queries, 5)):
+        assert torch.equal(a, b)
+    # Writes continue at the same ring position after loading.
+    for m in (memory, loaded):
+        m.add(torch.ones(2, 2, 3, 8), torch.ones(2, 2, 3, 8))
+    assert torch.equal(memory.values, loaded.values)
+
+
+def test_load_rejects_truncated_and_mismatched_files(tmp_path):
+    memory = KNNMemory(1, 1, 4, 8)
+    path = tmp_path / "m.safetensors"
+    memory.save(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable knnmem memory file"):
+        KNNMemory.load(tmp_path / "cut.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"keys": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no knnmem metadata"):
+        KNNMemory.load(tmp_path / "other.safetensors")
+    meta = '{"format_version": 1, "batch_size": 1, "heads": 2, "head_dim": 4, "max_memories": 8, ' \
+           '"normalize": true, "backend": "exact", "backend_options": {}, "dtype": "float32"}'
+    save_file({"keys": memory.keys, "values": memory.values, "written": memory.written},
+              str(tmp_path / "bad.safetensors"), metadata={"knnmem": meta})
+    with pytest.raises(ValueError, match="'keys' should have shape"):
+        KNNMemory.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: m.add(torch.randn(2, 3, 4), torch.randn(2, 3, 4)), ValueError, "keys must have shape"),
+        (lambda m: m.add(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)), ValueError, "size 2 at dim 1"),
+        (lambda m: m.add(torch.randn(2, 2, 4, 6), torch.randn(2, 2, 4, 6)), ValueError, "size 8 at dim 3"),
+        (lambda m: m.add(torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8)), ValueError, "size 2 at dim 0"),
+        (lambda m: m.add(torch.ones(2, 2, 4, 8, dtype=torch.long), torch.ones(2, 2, 4, 8)), TypeError, "floating"),
+        (lambda m: m.add(torch.full((2, 2, 4, 8), math.nan), torch.ones(2, 2, 4, 8)), ValueError, "NaN or inf"),
+        (lambda m: m.add(torch.ones(2, 2, 4, 8), torch.full((2, 2, 4, 8), math.inf)), ValueError, "values contains NaN"),
+        (lambda m: m.add(torch.ones(2, 2, 4, 8), torch.ones(2, 2, 5, 8)), ValueError, "shape of keys"),
+        (lambda m: m.add(torch.ones(2, 2, 4, 8), torch.ones(2, 2, 4, 8), mask=torch.ones(2, 4)), TypeError, "bool"),
+        (lambda m: m.add(torch.ones(2, 2, 4, 8), torch.ones(2, 2, 4, 8), mask=torch.ones(2, 5, dtype=torch.bool)),
+         ValueError, "mask must have shape"),
+        (lambda m: m.search(torch.randn(2, 3, 4, 8), 4), ValueError, "multiple of H=2"),
+        (lambda m: m.search(torch.randn(2, 2, 4, 7), 4), ValueError, "size 8 at dim 3"),
+        (lambda m: m.search(torch.randn(2, 2, 8), 4), ValueError, "queries must have shape"),
+        (lambda m: m.search(torch.randn(2, 2, 4, 8), 0), ValueError, "k must be a positive integer"),
+        (lambda m: m.search(torch.randn(2, 2, 4, 8), -3), ValueError, "k must be a positive integer"),
+        (lambda m: m.clear(rows=[5]), ValueError, r"rows must be in \[0, 2\)"),
+    ],
+)
+def test_bad_input_raises_clear_errors(call, error, match):
+    memory = KNNMemory(2, 2, 8, 16)
+    with pytest.raises(error, match=match):
+        call(memory)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="max_memories"):
+        KNNMemory(1, 1, 8, 0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        KNNMemory(1, 1, 8, 8, backend="annoy")
+    with pytest.raises(TypeError, match="dtype"):
+        KNNMemory(1, 1, 8, 8, dtype=torch.int32)
+
+
+def test_auto_backend_is_visible():
+    assert KNNMemory(1, 1, 8, 1024).backend == "exact"
+    assert KNNMemory(1, 1, 8, 1 << 20).backend.startswith("ivf(")
