@@ -15,7 +15,8 @@ Trade-offs, for choosing a backend:
 - `flat`: FAISS brute force (`faiss.knn`) over the store's buffer. Exact; CPU, float32.
 - `ivf`: FAISS IVF-Flat with `nlist ~ sqrt(max_memories)` lists, trained once from the buffer when
   `39 * nlist` keys exist (exact search before that), `nprobe = max(32, nlist // 8)` by default.
-  Supports deletion, so FIFO overwrites are cheap. The choice for large memories on a CPU.
+  Supports deletion, so FIFO overwrites are cheap. The choice for large memories on a CPU;
+  below ~64K memories per head exact search is as fast and IVF's recall is lower.
 - `hnsw`: FAISS HNSW-Flat (M=32, efSearch=128). Fast, high recall, but slow to build and it cannot
   delete: once a row's memory is full, every write that overwrites entries rebuilds that row's
   index from the buffer. Use it for memories that are written once and read many times.

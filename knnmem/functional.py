@@ -1,0 +1,205 @@
+"""`knn_attention`: local causal attention + attention over retrieved memories, combined.
+
+This module is the semantics of the library: the PyTorch reference here is the test oracle of
+every other path (the fused Triton kernel in `knnmem.kernels`), and the drop-in layer and the
+Hugging Face retrofit both call `knn_attention`.
+
+Each query attends two branches, each with its own softmax:
+- local: causal softmax attention over `k, v` (the segment, optionally with a Transformer-XL
+  cache prepended); query i of T sees keys j <= i + (S - T) (the causal mask is aligned to the
+  end of the window), minus padding.
+- memory: softmax over that query's own top-k retrieved memory rows (no positions). Logits are
+  `normalized` (cosine of the normalised query with the stored unit keys, times a learned
+  per-head `memory_scale`) or `raw` (q . k times `scale`, for stores with normalize=False).
+  Empty slots (index -1) are excluded.
+The branches are combined by `mode`:
+- `gate` (the paper's): out = g * memory + (1 - g) * local, g = sigmoid(gate[h]); a query with
+  no memory gets the local output.
+- `joint`: one softmax over memory and local keys together, computed exactly from the two
+  branches' log-sum-exps: out = w_l * local + w_m * memory, w_x = exp(lse_x - logaddexp(lse_l, lse_m)).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_dim, check_floating, check_tensor
+from .memory import gather_rows
+
+MODES = ("gate", "joint")
+LOGITS = ("normalized", "raw")
+
+
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim restricted to `allowed`; returns (probs, lse).
+
+    A row with nothing allowed gets all-zero probs and lse = -inf (and finite gradients).
+    """
+    any_allowed = allowed.any(-1, keepdim=True)
+    safe = logits.masked_fill(~allowed, -math.inf).masked_fill(~any_allowed, 0.0)
+    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+    probs = torch.exp(safe - lse).masked_fill(~allowed, 0.0)
+    return probs, lse.squeeze(-1).masked_fill(~any_allowed.squeeze(-1), -math.inf)
+
+
+def local_allowed(T: int, S: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """Boolean (B|1, 1|H, T, S) mask of the local branch: causal aligned to the end, and padding.
+
+    attention_mask: None; (B, S) bool key-padding mask (True = real token); or a full
+    (B, 1|H, T, S) bool mask (True = may attend), which is used as given (it must be causal).
+    """
+    if attention_mask is not None and attention_mask.ndim == 4:
+        return attention_mask
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    allowed = (j <= i + (S - T))[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :]
+    return allowed
+
+
+def local_attention(q, k, v, scale: float, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention. q: (B, Hq, T, D); k, v: (B, Hkv, S, D) -> (out, lse (B, Hq, T))."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    logits = (q @ k.transpose(-1, -2)) * scale
+    probs, lse = masked_softmax(logits, local_allowed(q.shape[2], k.shape[2], attention_mask, q.device))
+    return probs @ v, lse
+
+
+def memory_attention(q, memory_keys, memory_values, indices, logits: str, scale: float,
+                     memory_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its own retrieved rows.
+
+    q: (B, Hq, T, D); memory_keys/values: (B, Hkv, M, D); indices: (B, Hq, T, k), -1 = empty.
+    Returns (out (B, Hq, T, D), lse (B, Hq, T)); memory is detached.
+    """
+    group = q.shape[1] // memory_keys.shape[1]
+    mem_k = gather_rows(memory_keys.detach(), indices, group).to(q.dtype)
+    mem_v = gather_rows(memory_values.detach(), indices, group).to(q.dtype)
+    if logits == "normalized":
+        scores = torch.einsum("bhtd,bhtkd->bhtk", F.normalize(q, dim=-1), mem_k)
+        scores = scores * memory_scale.to(q.dtype)[None, :, None, None]
+    else:
+        scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) * scale
+    probs, lse = masked_softmax(scores, indices >= 0)
+    return torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v), lse
+
+
+def combine(local_out, local_lse, memory_out, memory_lse, mode: str, gate: torch.Tensor | None):
+    """Mix the two branches: `gate` (sigmoid per head) or `joint` (one softmax over both)."""
+    if mode == "gate":
+        g = torch.sigmoid(gate.to(local_out.dtype))[None, :, None, None]
+        mixed = g * memory_out + (1 - g) * local_out
+        return torch.where(torch.isneginf(memory_lse)[..., None], local_out, mixed)
+    both = torch.logaddexp(local_lse, memory_lse)
+    both_safe = both.masked_fill(torch.isneginf(both), 0.0)  # a fully masked query: output 0
+    return (torch.exp(local_lse - both_safe)[..., None] * local_out
+            + torch.exp(memory_lse - both_safe)[..., None] * memory_out)
+
+
+def _validate(q, k, v, memory_keys, memory_values, indices, gate, memory_scale, mode, logits, attention_mask):
+    check_tensor("q", q, 4, "(B, Hq, T, D)")
+    check_floating("q", q)
+    B, Hq, T, D = q.shape
+    for name, x in (("k", k), ("v", v)):
+        check_tensor(name, x, 4, "(B, Hkv, S, D)")
+        check_floating(name, x)
+        if x.dtype != q.dtype or x.device != q.device:
+            raise TypeError(f"{name} must match q's dtype and device ({q.dtype}, {q.device}), got ({x.dtype}, {x.device})")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, Hkv, S, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv, S = k.shape[1], k.shape[2]
+    doc = f"(B={B}, Hkv, S, D={D})"
+    check_dim("k", k, 0, B, doc)
+    check_dim("k", k, 3, D, doc)
+    if Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
+    if T > S:
+        raise ValueError(f"q has T={T} queries but k/v only S={S} keys: S >= T is required (keys end with the queries' own)")
+    for name, x in (("memory_keys", memory_keys), ("memory_values", memory_values)):
+        doc = f"(B={B}, Hkv={Hkv}, M, D={D})"
+        check_tensor(name, x, 4, doc)
+        check_floating(name, x)
+        check_dim(name, x, 0, B, doc)
+        check_dim(name, x, 1, Hkv, doc)
+        check_dim(name, x, 3, D, doc)
+        if x.device != q.device:
+            raise TypeError(f"{name} must be on q's device {q.device}, got {x.device}")
+    check_tensor("indices", indices, 4, f"(B={B}, Hq={Hq}, T={T}, k)")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be an int32/int64 tensor, got dtype {indices.dtype}")
+    if tuple(indices.shape[:3]) != (B, Hq, T):
+        raise ValueError(f"indices must have shape (B={B}, Hq={Hq}, T={T}, k), got {tuple(indices.shape)}")
+    if indices.device != q.device:
+        raise TypeError(f"indices must be on q's device {q.device}, got {indices.device}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+    for name, x, needed in (("gate", gate, mode == "gate"), ("memory_scale", memory_scale, logits == "normalized")):
+        if x is None:
+            if needed:
+                raise ValueError(f"{name} (a ({Hq},) tensor of per-head values) is required with "
+                                 f"{'mode' if name == 'gate' else 'logits'}={mode if name == 'gate' else logits!r}")
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (Hq,):
+            raise ValueError(f"{name} must be a tensor of shape (Hq={Hq},), got {getattr(x, 'shape', type(x))}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.bool:
+            raise TypeError("attention_mask must be a bool tensor, (B, S) or (B, 1|Hq, T, S)")
+        ok = (attention_mask.shape == (B, S) or
+              (attention_mask.ndim == 4 and attention_mask.shape[0] == B and attention_mask.shape[1] in (1, Hq)
+               and tuple(attention_mask.shape[2:]) == (T, S)))
+        if not ok:
+            raise ValueError(f"attention_mask must have shape (B={B}, S={S}) or (B={B}, 1|{Hq}, T={T}, S={S}), "
+                             f"got {tuple(attention_mask.shape)}")
+
+
+def knn_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
+    indices: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    memory_scale: torch.Tensor | None = None,
+    mode: str = "gate",
+    logits: str = "normalized",
+    attention_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """kNN-augmented attention (see the module docstring for the semantics).
+
+    Args:
+        q: (B, Hq, T, D) queries of the segment.
+        k, v: (B, Hkv, S, D), S >= T: local keys/values, ending with the segment's own.
+        memory_keys, memory_values: (B, Hkv, M, D), e.g. `KNNMemory.keys` / `.values` (detached).
+        indices: (B, Hq, T, topk) slots from `KNNMemory.search`, -1 = empty.
+        gate: (Hq,) gate logits (mode="gate").
+        scale: local logit scale, default 1/sqrt(D); also the memory scale for logits="raw".
+        memory_scale: (Hq,) per-head scale of normalised memory logits (logits="normalized").
+        mode: "gate" or "joint". logits: "normalized" or "raw".
+        attention_mask: (B, S) bool key padding, or a full (B, 1|Hq, T, S) bool mask.
+        return_lse: also return the branches' log-sum-exps (B, Hq, T), float32 (-inf = empty).
+
+    Returns:
+        out (B, Hq, T, D) in q's dtype, or (out, local_lse, memory_lse) with return_lse.
+    """
+    _validate(q, k, v, memory_keys, memory_values, indices, gate, memory_scale, mode, logits, attention_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+    local_out, local_lse = local_attention(qc, kc, vc, scale, attention_mask)
+    memory_out, memory_lse = memory_attention(qc, memory_keys, memory_values, indices.long(), logits, scale,
+                                              memory_scale)
+    out = combine(local_out, local_lse, memory_out, memory_lse, mode, gate).to(q.dtype)
+    if return_lse:
+        return out, local_lse.float(), memory_lse.float()
+    return out

@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from knnmem import KNNAttention
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    options = dict(dim=32, heads=4, kv_heads=2, topk=4, max_memories=64, memory_backend="exact")
+    options.update(kw)
+    return KNNAttention(**options)
+
+
+def _plain_attention(layer, x, prev=None):
+    """The same projections through plain causal sdpa (optionally over [prev segment; x])."""
+    B, T, _ = x.shape
+
+    def split(proj, inp, heads):
+        return proj(inp).view(B, -1, heads, layer.head_dim).transpose(1, 2)
+
+    q = split(layer.q_proj, x, layer.heads)
+    source = x if prev is None else torch.cat([prev, x], dim=1)
+    k, v = split(layer.k_proj, source, layer.kv_heads), split(layer.v_proj, source, layer.kv_heads)
+    S = k.shape[2]
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return layer.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_first_segment_with_empty_memory_equals_sdpa():
+    layer = _layer()
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(layer(x), _plain_attention(layer, x), atol=1e-6, rtol=1e-5)
+
+
+def test_closed_gate_ignores_memory_and_xl_cache_extends_the_window():
+    layer = _layer(xl_cache=True)
+    with torch.no_grad():
+        layer.gate.fill_(-math.inf)
+    x1, x2 = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    layer(x1)
+    assert len(layer.memory) == 2 * 6
+    torch.testing.assert_close(layer(x2), _plain_attention(layer, x2, prev=x1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["gate", "joint"])
+def test_rows_streamed_together_equal_rows_streamed_alone(mode):
+    """Row 0 streams document A for 4 segments; row 1 streams B, then starts C at segment 2."""
+    torch.manual_seed(1)
+    A, B, C = (torch.randn(1, 4, 5, 32) for _ in range(3))
+    together = _layer(mode=mode)
+    outs = []
+    for s in range(4):
+        if s == 2:
+            together.reset_memory(rows=[1])
+        row1 = B[:, s] if s < 2 else C[:, s - 2]
+        outs.append(together(torch.cat([A[:, s], row1])))
+
+    def alone(segments):
+        layer = _layer(mode=mode)
+        return [layer(seg) for seg in segments]
+
+    for s, out in enumerate(alone([A[:, s] for s in range(4)])):
+        torch.testing.assert_close(outs[s][0:1], out, atol=1e-6, rtol=1e-5)
+    expected_row1 = alone([B[:, 0], B[:, 1]]) + alone([C[:, 0], C[:, 1]])
+    for s, out in enumerate(expected_row1):
+        torch.testing.assert_close(outs[s][1:2], out, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(outs[3][1:2], _plain_attention(together, C[:, 1]))  # memory is used
+
+
+def test_padding_tokens_are_not_written_and_gradients_reach_parameters_only():
+    layer = _layer()
+    x = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    layer(x, attention_mask=mask)
+    assert layer.memory.counts.tolist() == [6, 4]
+    layer(x, attention_mask=mask).sum().backward()
+    assert layer.gate.grad.abs().sum() > 0 and layer.memory_scale.grad.abs().sum() > 0
+    assert layer.q_proj.weight.grad.abs().sum() > 0
+    assert not layer.memory.keys.requires_grad
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match=r"heads \(4\) must be a multiple of kv_heads \(3\)"):
+        KNNAttention(32, 4, kv_heads=3)
+    with pytest.raises(ValueError, match="dim .* divisible by heads"):
+        KNNAttention(30, 4)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        KNNAttention(32, 4, mode="sum")
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, dim=32\)"):
+        layer(torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        layer(torch.randn(5, 32))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        layer(torch.randn(2, 5, 32), attention_mask=torch.ones(2, 4))
+    layer(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="call reset_memory"):
+        layer(torch.randn(3, 5, 32))
+    layer.reset_memory()
+    assert layer(torch.randn(3, 5, 32)).shape == (3, 5, 32)
