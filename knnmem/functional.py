@@ -173,6 +173,7 @@ def knn_attention(
     mode: str = "gate",
     logits: str = "normalized",
     attention_mask: torch.Tensor | None = None,
+    memory_q: torch.Tensor | None = None,
     return_lse: bool = False,
 ):
     """kNN-augmented attention (see the module docstring for the semantics).
@@ -187,17 +188,24 @@ def knn_attention(
         memory_scale: (Hq,) per-head scale of normalised memory logits (logits="normalized").
         mode: "gate" or "joint". logits: "normalized" or "raw".
         attention_mask: (B, S) bool key padding, or a full (B, 1|Hq, T, S) bool mask.
+        memory_q: (B, Hq, T, D) queries of the memory branch, default q. A rotary model reads its
+            un-rotated memory keys with queries placed by a position policy (`knnmem.positions`).
         return_lse: also return the branches' log-sum-exps (B, Hq, T), float32 (-inf = empty).
 
     Returns:
         out (B, Hq, T, D) in q's dtype, or (out, local_lse, memory_lse) with return_lse.
     """
     _validate(q, k, v, memory_keys, memory_values, indices, gate, memory_scale, mode, logits, attention_mask)
+    if memory_q is None:
+        memory_q = q
+    elif not isinstance(memory_q, torch.Tensor) or memory_q.shape != q.shape or memory_q.dtype != q.dtype:
+        raise ValueError(f"memory_q must be a tensor like q {tuple(q.shape)} {q.dtype}, "
+                         f"got {getattr(memory_q, 'shape', type(memory_q))}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     compute = torch.promote_types(q.dtype, torch.float32)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     local_out, local_lse = local_attention(qc, kc, vc, scale, attention_mask)
-    memory_out, memory_lse = memory_attention(qc, memory_keys, memory_values, indices.long(), logits, scale,
+    memory_out, memory_lse = memory_attention(memory_q.to(compute), memory_keys, memory_values, indices.long(), logits, scale,
                                               memory_scale)
     out = combine(local_out, local_lse, memory_out, memory_lse, mode, gate).to(q.dtype)
     if return_lse:

@@ -1,0 +1,256 @@
+"""Retrofit a pretrained Hugging Face causal LM with kNN memory layers, without copying its code.
+
+`patch(model)` registers one attention function, "knnmem", in transformers' public
+`AttentionInterface` (plus sdpa's mask builder under the same name: without a mask builder the
+function would receive no padding mask), switches the model to it, and attaches a
+`MemoryHandle` to the model. Unpatched layers run transformers' own sdpa function unchanged;
+patched layers, on each forward call:
+
+1. split the segment's rotated q/k into the memory query and un-rotated keys (`positions.py`),
+2. retrieve the top-k memories of every query from the layer's `KNNMemory`,
+3. attend locally and to memory through `knn_attention`,
+4. write the segment's (un-rotated) keys and values into memory, skipping padding tokens.
+
+Batch rows are separate documents. Memory state lives in the handle, one store per patched
+layer, so `model.generate()` works unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .functional import LOGITS, MODES, knn_attention
+from .memory import KNNMemory
+from .positions import POLICIES, RotaryPlacement
+
+ATTENTION_NAME = "knnmem"
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
+_GATE, _SCALE = "knn_gate", "knn_memory_scale"
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+
+
+def _default_layers(n_layers: int) -> list[int]:
+    """All layers: the training-free default (the paper's single trained layer sits at 75% depth,
+    but without training memory in every layer gave the lowest perplexity; see the README)."""
+    return list(range(n_layers))
+
+
+class MemoryHandle:
+    """The memory of a patched model: one `KNNMemory` per patched layer, created on first use."""
+
+    def __init__(self, model: nn.Module, layers: list[int], topk: int, max_memories: int, mode: str,
+                 logits: str, placement: RotaryPlacement | None, memory_backend: str,
+                 previous_attn_implementation: str) -> None:
+        self.model, self.layers = model, layers
+        self.topk, self.max_memories, self.mode, self.logits = topk, max_memories, mode, logits
+        self.placement, self.memory_backend = placement, memory_backend
+        self.previous_attn_implementation = previous_attn_implementation
+        self.memories: dict[int, KNNMemory] = {}
+        self.last_indices: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, T, topk) of the last call
+        self.writing = True
+
+    # ------------------------------------------------------------------ user API
+    def reset(self, rows: int | list[int] | None = None) -> None:
+        """Forget all memories, or those of the given batch rows (new documents there)."""
+        for memory in self.memories.values():
+            memory.clear(rows)
+
+    @contextlib.contextmanager
+    def document(self) -> Iterator["MemoryHandle"]:
+        """`with mem.document(): ...` reads one document (batch) with fresh memory."""
+        self.reset()
+        try:
+            yield self
+        finally:
+            self.reset()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["MemoryHandle"]:
+        """Read memory without writing to it, e.g. around `generate()`, whose KV cache already
+        holds the prompt (writing it would let the model see those tokens twice)."""
+        previous, self.writing = self.writing, False
+        try:
+            yield self
+        finally:
+            self.writing = previous
+
+    def stats(self) -> dict:
+        return {
+            "layers": self.layers, "topk": self.topk, "mode": self.mode, "logits": self.logits,
+            "position": self.placement.policy if self.placement else None,
+            "distance": self.placement.distance if self.placement else None,
+            "stored_per_row": {i: m.counts.tolist() for i, m in sorted(self.memories.items())},
+            "backend": {i: m.backend for i, m in sorted(self.memories.items())},
+            "bytes": sum(m.keys.nbytes + m.values.nbytes for m in self.memories.values()),
+        }
+
+    def save(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        for i, memory in self.memories.items():
+            memory.save(os.path.join(directory, f"layer_{i}.safetensors"))
+        with open(os.path.join(directory, "handle.json"), "w") as f:
+            json.dump({"layers": self.layers, "stored": sorted(self.memories)}, f)
+
+    def load(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, "handle.json")) as f:
+            meta = json.load(f)
+        if meta["layers"] != self.layers:
+            raise ValueError(f"{directory} holds memories of layers {meta['layers']}, "
+                             f"this model is patched at {self.layers}")
+        device = next(self.model.parameters()).device
+        self.memories = {i: KNNMemory.load(os.path.join(directory, f"layer_{i}.safetensors"), device=device)
+                         for i in meta["stored"]}
+
+    # ------------------------------------------------------------------ the attention step
+    def _memory(self, layer: int, batch: int, heads: int, head_dim: int, device: torch.device) -> KNNMemory:
+        memory = self.memories.get(layer)
+        if memory is not None and memory.batch_size != batch:
+            if len(memory):
+                raise ValueError(f"batch size changed from {memory.batch_size} to {batch} while layer "
+                                 f"{layer}'s memory holds tokens: call reset() between batches")
+            memory = None
+        if memory is None:
+            memory = KNNMemory(batch, heads, head_dim, self.max_memories, backend=self.memory_backend,
+                               normalize=self.logits == "normalized", device=device)
+            self.memories[layer] = memory
+        return memory
+
+    def attend(self, module: nn.Module, query, key, value, attention_mask, scaling, position_ids):
+        B, Hq, T, D = query.shape
+        S = key.shape[2]
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            raise TypeError("knnmem expects a boolean attention mask (sdpa's mask builder)")
+        new_k, new_v = key[:, :, S - T:], value[:, :, S - T:]
+        if attention_mask is None:
+            real = torch.ones(B, T, dtype=torch.bool, device=query.device)
+        else:  # a real token attends to itself; padding attends to nothing
+            t = torch.arange(T, device=query.device)
+            real = attention_mask.expand(B, -1, -1, -1)[:, 0, t, S - T + t]
+        if self.placement is None:
+            memory_q, store_k = query, new_k
+        else:
+            memory_q, store_k = self.placement.split(query, new_k, position_ids, S)
+        memory = self._memory(module.layer_idx, B, key.shape[1], D, query.device)
+        _, indices = memory.search(memory_q.detach(), self.topk)
+        self.last_indices[module.layer_idx] = indices
+        out = knn_attention(
+            query, key, value, memory.keys, memory.values, indices.to(query.device),
+            getattr(module, _GATE), scale=scaling, memory_scale=getattr(module, _SCALE),
+            mode=self.mode, logits=self.logits, attention_mask=attention_mask, memory_q=memory_q,
+        )
+        if self.writing:
+            memory.add(store_k.detach(), new_v.detach(), mask=real)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def _knnmem_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      position_ids=None, **kwargs):
+    """The registered attention function: memory layers through the handle, others through sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    handle: MemoryHandle | None = getattr(module, "_knnmem_handle", None)
+    if handle is None or module.layer_idx not in handle.layers:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    return handle.attend(module, query, key, value, attention_mask, scaling, position_ids)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _knnmem_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def patch(
+    model: nn.Module,
+    layers: Iterable[int] | None = None,
+    topk: int = 32,
+    max_memories: int = 65536,
+    mode: str = "joint",
+    logits: str = "raw",
+    position: str = "constant",
+    distance: int = 2048,
+    memory_backend: str = "auto",
+    gate_init: float = 0.0,
+) -> MemoryHandle:
+    """Turn attention layers of a transformers causal LM (GPT-2, GPT-NeoX/Pythia, Llama family)
+    into kNN memory layers. Returns the `MemoryHandle` (also at `model.knnmem`).
+
+    Args:
+        layers: indices of the layers to patch; None = all layers (the measured best for a
+            training-free retrofit).
+        topk: memories retrieved per query and head. max_memories: capacity per (row, KV head).
+        mode: "joint" (one softmax over memory and local keys: training-free) or "gate".
+        logits: "raw" (the model's own q.k scale: training-free) or "normalized" (cosine times a
+            learned per-head scale, the paper's form; needs fine-tuning).
+        position: where memory keys sit for rotary models: "constant", "start" or "none"
+            (`knnmem.positions`). distance: the distance of the "constant" policy.
+        memory_backend: search backend of the stores ("auto", "exact", "ivf", ...).
+        gate_init: initial gate logit of mode="gate" (0 = sigmoid 0.5, as in the paper's code).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(f"knnmem.patch supports transformers models of types {SUPPORTED_MODEL_TYPES} "
+                        f"(GPT-2, GPT-NeoX/Pythia, Llama family), got {type(model).__name__} "
+                        f"(model_type={model_type!r})")
+    if getattr(model, "knnmem", None) is not None:
+        raise ValueError("this model is already patched: call knnmem.unpatch(model) first")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+    if position not in POLICIES:
+        raise ValueError(f"position must be one of {POLICIES}, got {position!r}")
+    modules = _attention_modules(model)
+    n_layers = len(modules)
+    layers = _default_layers(n_layers) if layers is None else sorted(set(int(i) for i in layers))
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"layers must be in [0, {n_layers}), got {bad}")
+    rotary = getattr(model.base_model, "rotary_emb", None)
+    placement = RotaryPlacement(rotary, position, distance) if rotary is not None else None
+    handle = MemoryHandle(model, layers, topk, max_memories, mode, logits, placement, memory_backend,
+                          model.config._attn_implementation)
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = next(iter(modules)).head_dim if hasattr(modules[0], "head_dim") else config.hidden_size // heads
+    for module in modules:
+        if module.layer_idx in layers:
+            param = next(module.parameters())
+            module.register_parameter(_GATE, nn.Parameter(torch.full((heads,), float(gate_init), device=param.device)))
+            module.register_parameter(_SCALE, nn.Parameter(torch.full((heads,), head_dim**0.5, device=param.device)))
+        module._knnmem_handle = handle
+    _register()
+    model.set_attn_implementation(ATTENTION_NAME)
+    model.knnmem = handle
+    return handle
+
+
+def unpatch(model: nn.Module) -> None:
+    """Restore the model exactly as it was before `patch` (parameters, attention function)."""
+    handle: MemoryHandle | None = getattr(model, "knnmem", None)
+    if handle is None:
+        raise ValueError("this model is not patched by knnmem")
+    for module in _attention_modules(model):
+        for name in (_GATE, _SCALE):
+            if name in module._parameters:
+                del module._parameters[name]
+        del module._knnmem_handle
+    model.set_attn_implementation(handle.previous_attn_implementation)
+    del model.knnmem
+
+
+def memory_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that patching added (gates and memory scales), e.g. for fine-tuning."""
+    return [p for m in _attention_modules(model) for n, p in m.named_parameters(recurse=False)
+            if n in (_GATE, _SCALE)]

@@ -1,0 +1,188 @@
+import math
+
+import pytest
+import torch
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
+                          LlamaConfig, LlamaForCausalLM)
+
+import knnmem
+from knnmem.positions import apply_rotary, undo_rotary
+
+VOCAB = 100
+
+
+def tiny(family: str):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256,
+                                           bos_token_id=0, eos_token_id=0))
+    elif family == "gpt_neox":  # Pythia-style partial rotary (25% of each head)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=64, vocab_size=VOCAB, rotary_pct=0.25,
+                                                 max_position_embeddings=256))
+    else:  # Llama with grouped-query attention, like SmolLM2 (3 query heads per KV head)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
+                                             max_position_embeddings=256))
+    return model.eval()
+
+
+FAMILIES = ["gpt2", "gpt_neox", "llama"]
+# fp32 logits of the same math computed by differently ordered sums (sdpa vs our reference).
+ATOL = 1e-5
+
+
+def _padded_batch():
+    ids = torch.randint(VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding in row 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_memory_and_closed_gate_reproduce_the_model(family):
+    model = tiny(family)
+    ids, mask = _padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        handle = knnmem.patch(model)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], reference[real], atol=ATOL, rtol=0)
+        assert handle.stats()["stored_per_row"] == {0: [12, 8], 1: [12, 8]}  # padding never written
+        changed = model(ids, attention_mask=mask).logits  # now memory holds the same tokens
+        assert (changed[real] - reference[real]).abs().max() > 1e-3
+        knnmem.unpatch(model)
+        knnmem.patch(model, mode="gate", gate_init=-math.inf)
+        model(ids, attention_mask=mask)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], reference[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_restores_the_model_bit_identically(family):
+    model = tiny(family)
+    ids, mask = _padded_batch()
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(ids, attention_mask=mask).logits
+    knnmem.patch(model, layers=[1], mode="gate")
+    assert len(knnmem.memory_parameters(model)) == 2
+    assert any("knn_gate" in k for k in model.state_dict())
+    model(ids, attention_mask=mask)
+    knnmem.unpatch(model)
+    after_state = model.state_dict()
+    assert before_state.keys() == after_state.keys()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert torch.equal(model(ids, attention_mask=mask).logits, before)
+    assert knnmem.memory_parameters(model) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_documents_in_one_batch_equal_documents_alone(family):
+    model = tiny(family)
+    g = torch.Generator().manual_seed(2)
+    docs = torch.randint(VOCAB, (2, 3, 10), generator=g)  # 2 documents x 3 segments x 10 tokens
+    handle = knnmem.patch(model, topk=4)
+    with torch.no_grad():
+        together = [model(docs[:, s]).logits for s in range(3)]
+        for row in range(2):
+            handle.reset()
+            for s in range(3):
+                alone = model(docs[row:row + 1, s]).logits
+                torch.testing.assert_close(together[s][row:row + 1], alone, atol=ATOL, rtol=0)
+
+
+def test_a_fact_beyond_the_window_is_retrieved():
+    """Layer 0 of a Llama, with W_q = W_k: an un-rotated query of a token has cosine 1 with that
+    token's stored un-rotated key. Retrieval must point at the fact's positions in the document
+    (slots = token positions while the memory has not overflowed)."""
+    model = tiny("llama")
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        per_head = attn.k_proj.weight.view(2, attn.head_dim, -1)  # (KV heads, D, width)
+        attn.q_proj.weight.copy_(per_head.repeat_interleave(3, dim=0).reshape(6 * attn.head_dim, -1))
+    handle = knnmem.patch(model, layers=[0], topk=4, logits="normalized", position="none", mode="gate")
+    g = torch.Generator().manual_seed(3)
+    fact = torch.tensor([3, 4, 5])
+    filler = torch.randint(10, VOCAB, (1, 80), generator=g)
+    document = torch.cat([filler[:, :5], fact[None], filler[:, 5:]], dim=1)  # fact at positions 5, 6, 7
+    with torch.no_grad():
+        for start in range(0, 64, 16):  # 4 segments of 16 tokens: the fact leaves the window
+            model(document[:, start:start + 16])
+        query = torch.cat([filler[:, 60:70], fact[None]], dim=1)
+        model(query)
+    top1 = handle.last_indices[0][0, :, -3:, 0]  # (heads, the three fact tokens)
+    assert (top1 == torch.tensor([5, 6, 7])).all(), top1
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_stored_keys_are_the_unrotated_projections(family):
+    model = tiny(family)
+    captured = {}
+    attn = model.base_model.layers[1].self_attn if family == "llama" else model.base_model.layers[1].attention
+    proj = attn.k_proj if family == "llama" else attn.query_key_value
+
+    def grab(_, __, out):
+        captured["k"] = out
+
+    proj.register_forward_hook(grab)
+    handle = knnmem.patch(model, layers=[1], position="none")
+    ids = torch.randint(VOCAB, (1, 9))
+    with torch.no_grad():
+        model(ids)
+    heads = attn.config.num_attention_heads
+    D = attn.config.hidden_size // heads
+    if family == "llama":
+        keys = captured["k"].view(1, 9, -1, D).transpose(1, 2)
+    else:  # fused q, k, v per head
+        keys = captured["k"].view(1, 9, heads, 3 * D).transpose(1, 2)[..., D:2 * D]
+    torch.testing.assert_close(handle.memories[1].keys[:, :, :9], keys, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_round_trip():
+    x = torch.randn(2, 3, 5, 8)
+    angles = torch.randn(2, 5, 2)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # R=4 of D=8
+    y = apply_rotary(x, cos, sin)
+    assert torch.equal(y[..., 4:], x[..., 4:]) and not torch.allclose(y, x)
+    torch.testing.assert_close(undo_rotary(y, cos, sin), x)
+
+
+def test_generate_save_load_and_document_scopes(tmp_path):
+    model = tiny("llama")
+    handle = knnmem.patch(model, topk=4)
+    ids = torch.randint(VOCAB, (1, 20))
+    with torch.no_grad():
+        model(ids)
+        with handle.frozen():
+            out = model.generate(ids[:, -5:], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)
+    assert handle.stats()["stored_per_row"][0] == [20]  # frozen: generate wrote nothing
+    handle.save(tmp_path)
+    handle.reset()
+    assert handle.stats()["stored_per_row"][0] == [0]
+    handle.load(tmp_path)
+    assert handle.stats()["stored_per_row"][0] == [20]
+    with handle.document():
+        assert handle.stats()["stored_per_row"][0] == [0]
+        with torch.no_grad():
+            model(ids)
+    assert handle.stats()["stored_per_row"][0] == [0]
+
+
+def test_bad_calls_raise_clear_errors():
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(TypeError, match=r"supports transformers models of types \('gpt2', 'gpt_neox', 'llama'\)"):
+        knnmem.patch(bert)
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"layers must be in \[0, 2\)"):
+        knnmem.patch(model, layers=[2])
+    with pytest.raises(ValueError, match="position must be one of"):
+        knnmem.patch(model, position="end")
+    with pytest.raises(ValueError, match="not patched"):
+        knnmem.unpatch(model)
+    knnmem.patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        knnmem.patch(model)
+    with torch.no_grad():
+        model(torch.randint(VOCAB, (1, 5)))
+        with pytest.raises(ValueError, match="call reset"):
+            model(torch.randint(VOCAB, (2, 5)))
