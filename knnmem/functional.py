@@ -78,8 +78,9 @@ def memory_attention(q, memory_keys, memory_values, indices, logits: str, scale:
     Returns (out (B, Hq, T, D), lse (B, Hq, T)); memory is detached.
     """
     group = q.shape[1] // memory_keys.shape[1]
-    mem_k = gather_rows(memory_keys.detach(), indices, group).to(q.dtype)
-    mem_v = gather_rows(memory_values.detach(), indices, group).to(q.dtype)
+    # Empty slots get probability 0 below, so they need not be zeroed here.
+    mem_k = gather_rows(memory_keys.detach(), indices, group, zero_empty=False).to(q.dtype)
+    mem_v = gather_rows(memory_values.detach(), indices, group, zero_empty=False).to(q.dtype)
     if logits == "normalized":
         scores = torch.einsum("bhtd,bhtkd->bhtk", F.normalize(q, dim=-1), mem_k)
         scores = scores * memory_scale.to(q.dtype)[None, :, None, None]

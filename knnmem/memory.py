@@ -263,14 +263,15 @@ class KNNMemory:
         return memory
 
 
-def gather_rows(table: torch.Tensor, indices: torch.Tensor, group: int) -> torch.Tensor:
+def gather_rows(table: torch.Tensor, indices: torch.Tensor, group: int, zero_empty: bool = True) -> torch.Tensor:
     """table: (B, H, M, D); indices: (B, H * group, T, k), -1 = empty -> (B, H * group, T, k, D).
 
-    Query head j reads KV head j // group. Empty slots read as zeros.
+    Query head j reads KV head j // group. Empty slots read as zeros, or, with zero_empty=False,
+    as some finite stored row (cheaper, for callers that give empty slots zero weight).
     """
     B, H, M, D = table.shape
     head = torch.arange(indices.shape[1], device=indices.device) // group
     flat = (torch.arange(B, device=indices.device)[:, None] * H + head[None, :]) * M  # (B, Hq)
     flat = flat[:, :, None, None] + indices.clamp(min=0)
     rows = table.reshape(B * H * M, D)[flat.flatten()].reshape(*indices.shape, D)
-    return rows.masked_fill((indices < 0)[..., None], 0)
+    return rows.masked_fill((indices < 0)[..., None], 0) if zero_empty else rows

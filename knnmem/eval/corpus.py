@@ -1,0 +1,60 @@
+"""Long documents for the evaluation: files, directories or globs; by default the largest source
+files of the Python standard library (real long documents, code like the paper's GitHub set,
+present on every machine without a download)."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".html", ".tex", ".json")
+
+
+def stdlib_directory() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def default_corpus(count: int = 200) -> list[str]:
+    """The `count` largest .py files of the standard library (tests and vendored code excluded)."""
+    root = stdlib_directory()
+    paths = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("test", "tests", "idlelib", "site-packages", "__pycache__")]
+        paths += [os.path.join(directory, f) for f in files if f.endswith(".py")]
+    paths.sort(key=lambda p: (-os.path.getsize(p), p))
+    return paths[:count]
+
+
+def find_documents(patterns: list[str]) -> list[str]:
+    """Expand files, directories (recursively, text-like suffixes) and glob patterns."""
+    found: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            for directory, _, files in os.walk(pattern):
+                found += [os.path.join(directory, f) for f in files if f.endswith(TEXT_SUFFIXES)]
+        elif os.path.isfile(pattern):
+            found.append(pattern)
+        else:
+            matches = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+            if not matches:
+                raise FileNotFoundError(f"--data {pattern!r} matches no file or directory")
+            found += matches
+    return sorted(set(found))
+
+
+def is_validation(path: str, fraction: float = 0.5) -> bool:
+    """Reproducible split by document: a hash of the file name (not its location on disk)."""
+    digest = hashlib.sha256(os.path.basename(path).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split(paths: list[str], fraction: float = 0.5) -> tuple[list[str], list[str]]:
+    """(train, validation) by `is_validation`; order preserved."""
+    validation = [p for p in paths if is_validation(p, fraction)]
+    return [p for p in paths if p not in validation], validation
+
+
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
