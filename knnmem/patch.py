@@ -179,7 +179,7 @@ def patch(
     mode: str = "joint",
     logits: str = "raw",
     position: str = "constant",
-    distance: int = 2048,
+    distance: int = 512,
     memory_backend: str = "auto",
     gate_init: float = 0.0,
 ) -> MemoryHandle:

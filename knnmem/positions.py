@@ -54,7 +54,7 @@ class RotaryPlacement:
     rotary: the model's rotary embedding module, called as rotary(x, position_ids) -> (cos, sin).
     """
 
-    def __init__(self, rotary: nn.Module, policy: str = "constant", distance: int = 2048) -> None:
+    def __init__(self, rotary: nn.Module, policy: str = "constant", distance: int = 512) -> None:
         if policy not in POLICIES:
             raise ValueError(f"position must be one of {POLICIES}, got {policy!r}")
         self.rotary, self.policy, self.distance = rotary, policy, int(distance)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
     p.add_argument("--mode", choices=["joint", "gate"], default="joint")
     p.add_argument("--position", choices=POLICIES, default="constant")
-    p.add_argument("--distance", type=int, default=2048, help="distance of --position constant")
+    p.add_argument("--distance", type=int, default=512, help="distance of --position constant")
     p.add_argument("--memory-backend", default="auto")
     p.add_argument("--window", type=int, default=2048, help="context window of the `long` configuration")
     p.add_argument("--json", default="eval_results/eval.json", help="where to write the results")
