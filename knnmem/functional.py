@@ -21,6 +21,7 @@ The branches are combined by `mode`:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from .memory import gather_rows
 
 MODES = ("gate", "joint")
 LOGITS = ("normalized", "raw")
+BACKENDS = ("auto", "torch", "triton")
 
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +90,35 @@ def memory_attention(q, memory_keys, memory_values, indices, logits: str, scale:
         scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) * scale
     probs, lse = masked_softmax(scores, indices >= 0)
     return torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v), lse
+
+
+def key_padding_from_mask(mask: torch.Tensor | None, T: int, S: int) -> torch.Tensor | None:
+    """Reduce a full (B, 1, T, S) bool mask to a (B, S) key-padding mask when that is exact
+    (end-aligned causal & padding, as transformers builds it); otherwise return it unchanged."""
+    if mask is None or mask.ndim != 4 or mask.shape[1] != 1:
+        return mask
+    padding = mask[:, 0].any(dim=1)
+    if torch.equal(local_allowed(T, S, padding, mask.device), mask.expand(-1, 1, T, S)):
+        return padding
+    return mask
+
+
+def _triton_obstacles(q: torch.Tensor, attention_mask) -> list[str]:
+    obstacles = []
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        obstacles.append("the tensors are not on a CUDA device (set TRITON_INTERPRET=1 to run it on a CPU, slowly)")
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        obstacles.append(f"head dim {D} is not a power of two >= 16")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        obstacles.append(f"dtype {q.dtype} (the kernel takes fp16, bf16, fp32)")
+    if attention_mask is not None and attention_mask.ndim == 4:
+        obstacles.append("a full 4-D attention_mask that is not causal & key padding")
+    try:
+        from .kernels import knn_attention  # noqa: F401
+    except ImportError as err:
+        obstacles.append(f"triton is not importable ({err})")
+    return obstacles
 
 
 def combine(local_out, local_lse, memory_out, memory_lse, mode: str, gate: torch.Tensor | None):
@@ -176,6 +207,7 @@ def knn_attention(
     attention_mask: torch.Tensor | None = None,
     memory_q: torch.Tensor | None = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ):
     """kNN-augmented attention (see the module docstring for the semantics).
 
@@ -192,6 +224,8 @@ def knn_attention(
         memory_q: (B, Hq, T, D) queries of the memory branch, default q. A rotary model reads its
             un-rotated memory keys with queries placed by a position policy (`knnmem.positions`).
         return_lse: also return the branches' log-sum-exps (B, Hq, T), float32 (-inf = empty).
+        backend: "auto" (the fused Triton kernel for CUDA tensors, this PyTorch reference
+            otherwise), "torch" or "triton" (raises ValueError where the kernel cannot run).
 
     Returns:
         out (B, Hq, T, D) in q's dtype, or (out, local_lse, memory_lse) with return_lse.
@@ -203,6 +237,20 @@ def knn_attention(
         raise ValueError(f"memory_q must be a tensor like q {tuple(q.shape)} {q.dtype}, "
                          f"got {getattr(memory_q, 'shape', type(memory_q))}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    attention_mask = key_padding_from_mask(attention_mask, q.shape[2], k.shape[2])
+    if backend != "torch":
+        obstacles = _triton_obstacles(q, attention_mask)
+        if backend == "triton" and obstacles:
+            raise ValueError("backend='triton' cannot run here: " + "; ".join(obstacles))
+        if not obstacles and (backend == "triton" or q.is_cuda):
+            from .kernels.knn_attention import fused_knn_attention
+
+            out, local_lse, memory_lse = fused_knn_attention(
+                q, k, v, memory_q, memory_keys, memory_values, indices, gate, memory_scale, attention_mask,
+                scale, logits == "normalized", mode == "joint")
+            return (out, local_lse, memory_lse) if return_lse else out
     compute = torch.promote_types(q.dtype, torch.float32)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     local_out, local_lse = local_attention(qc, kc, vc, scale, attention_mask)
