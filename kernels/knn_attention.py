@@ -24,9 +24,37 @@ import triton.language as tl
 
 
 @triton.jit
+def _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED: tl.constexpr):
+    """The memory branch's queries (unit-normalised for normalized logits), the logit scale c,
+    and the queries' norms."""
+    mq = tl.load(MQ + q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(mq * mq, 1)), 1e-12)
+    if NORMALIZED:
+        mq = mq / norm[:, None]
+        c = tl.load(MSCALE + h).to(tl.float32)
+    else:
+        c = scale
+    return mq, c, norm
+
+
+@triton.jit
+def _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP,
+                 D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Stored key/value rows (BLOCK_M, BLOCK_K, D) at the tile's indices, read in place; -1 = empty."""
+    offs_k = start_k + tl.arange(0, BLOCK_K)
+    idx = tl.load(IDX + (bh * T + offs_m[:, None]) * KTOP + offs_k[None, :],
+                  mask=row_ok[:, None] & (offs_k[None, :] < KTOP), other=-1)
+    valid = idx >= 0
+    ptrs = (kv * M + tl.where(valid, idx, 0))[:, :, None].to(tl.int64) * D + tl.arange(0, D)[None, None, :]
+    kg = tl.load(MK + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+    vg = tl.load(MV + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+    return kg, vg, valid
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L, LSE_M,
                 T, S, M, KTOP, scale, n_heads, group,
-                HAS_KPM: tl.constexpr, NORMALIZED: tl.constexpr, JOINT: tl.constexpr,
+                HAS_KPM: tl.constexpr, NORMALIZED: tl.constexpr, JOINT: tl.constexpr, HAS_LOCAL: tl.constexpr,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -43,7 +71,7 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
     m_l = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_l = tl.zeros([BLOCK_M], tl.float32)
     acc_l = tl.zeros([BLOCK_M, D], tl.float32)
-    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T)
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T) if HAS_LOCAL else 0  # 0: memory branch only
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < S
@@ -64,31 +92,18 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
         m_l = m_new
 
     # ---- memory branch: each query's own rows, gathered by index
-    mq = tl.load(MQ + q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    if NORMALIZED:
-        norm = tl.maximum(tl.sqrt(tl.sum(mq * mq, 1)), 1e-12)
-        mq = mq / norm[:, None]
-        c = tl.load(MSCALE + h).to(tl.float32)
-    else:
-        c = scale
+    mq, c, _ = _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED)
     m_m = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_m = tl.zeros([BLOCK_M], tl.float32)
     acc_m = tl.zeros([BLOCK_M, D], tl.float32)
     for start_k in range(0, KTOP, BLOCK_K):
-        offs_k = start_k + tl.arange(0, BLOCK_K)
-        idx = tl.load(IDX + (bh * T + offs_m[:, None]) * KTOP + offs_k[None, :],
-                      mask=row_ok[:, None] & (offs_k[None, :] < KTOP), other=-1)
-        valid = idx >= 0
-        rows = kv * M + tl.where(valid, idx, 0)
-        ptrs = rows[:, :, None].to(tl.int64) * D + offs_d[None, None, :]
-        kg = tl.load(MK + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+        kg, vg, valid = _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP, D, BLOCK_K)
         s = tl.sum(mq[:, None, :] * kg, 2) * c
         s = tl.where(valid, s, -float("inf"))
         m_new = tl.maximum(m_m, tl.max(s, 1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_m - m_safe)
-        vg = tl.load(MV + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
         l_m = l_m * alpha + tl.sum(p, 1)
         acc_m = acc_m * alpha[:, None] + tl.sum(p[:, :, None] * vg, 1)
         m_m = m_new
@@ -199,26 +214,14 @@ def _bwd_dq_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, MSCALE, DO,
         dq += tl.dot(ds, k.to(tl.float32)) * scale
     tl.store(DQ + q_ptrs, dq, mask=row_ok[:, None])
 
-    mq = tl.load(MQ + q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    norm = tl.maximum(tl.sqrt(tl.sum(mq * mq, 1)), 1e-12)
-    if NORMALIZED:
-        mq = mq / norm[:, None]
-        c = tl.load(MSCALE + h).to(tl.float32)
-    else:
-        c = scale
+    mq, c, norm = _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED)
     lse = tl.load(LSE_M + bh * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_M + bh * T + offs_m, mask=row_ok, other=0.0)
     do_b = do * tl.load(BCOEF + bh * T + offs_m, mask=row_ok, other=0.0)[:, None]
     u = tl.zeros([BLOCK_M, D], tl.float32)
     dscale = tl.zeros([BLOCK_M], tl.float32)
     for start_k in range(0, KTOP, BLOCK_K):
-        offs_k = start_k + tl.arange(0, BLOCK_K)
-        idx = tl.load(IDX + (bh * T + offs_m[:, None]) * KTOP + offs_k[None, :],
-                      mask=row_ok[:, None] & (offs_k[None, :] < KTOP), other=-1)
-        valid = idx >= 0
-        ptrs = (kv * M + tl.where(valid, idx, 0))[:, :, None].to(tl.int64) * D + offs_d[None, None, :]
-        kg = tl.load(MK + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
-        vg = tl.load(MV + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+        kg, vg, valid = _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP, D, BLOCK_K)
         dot = tl.sum(mq[:, None, :] * kg, 2)
         p = tl.where(valid, tl.exp(dot * c - lse[:, None]), 0.0)
         dp = tl.sum(do_b[:, None, :] * vg, 2)
@@ -258,7 +261,7 @@ class _KNNAttentionFunction(torch.autograd.Function):
         _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
             q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t,
             out, o_l, o_m, lse_l, lse_m, T, S, M, KTOP, scale, Hq, Hq // Hkv,
-            HAS_KPM=key_padding is not None, NORMALIZED=normalized, JOINT=joint,
+            HAS_KPM=key_padding is not None, NORMALIZED=normalized, JOINT=joint, HAS_LOCAL=True,
             D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
         ctx.save_for_backward(q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t,
                               out, o_l, o_m, lse_l, lse_m)
@@ -320,3 +323,25 @@ def fused_knn_attention(q, k, v, memory_q, memory_keys, memory_values, indices, 
     by `knnmem.functional.knn_attention`; key_padding is None or (B, S) bool."""
     return _KNNAttentionFunction.apply(q, k, v, memory_q, memory_keys, memory_values, indices, gate,
                                        memory_scale, key_padding, scale, normalized, joint)
+
+
+@torch.no_grad()
+def memory_branch(memory_q, memory_keys, memory_values, indices, memory_scale, scale: float, normalized: bool):
+    """Forward of the memory branch alone (the same kernel without its local loop), for a
+    two-kernel pipeline: returns (out (B, Hq, T, D) float32, lse (B, Hq, T) float32)."""
+    B, Hq, T, D = memory_q.shape
+    Hkv, M, KTOP = memory_keys.shape[1], memory_keys.shape[2], indices.shape[3]
+    mq = memory_q.contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    mscale = memory_scale.float().contiguous() if memory_scale is not None else mq.new_zeros(Hq, dtype=torch.float32)
+    out = torch.empty_like(mq)
+    o_l = torch.empty(B, Hq, T, D, device=mq.device, dtype=torch.float32)
+    o_m = torch.empty_like(o_l)
+    lse_l = torch.empty(B, Hq, T, device=mq.device, dtype=torch.float32)
+    lse_m = torch.empty_like(lse_l)
+    BM, BN, BK = _blocks(D)
+    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
+        mq, mq, mq, mq, memory_keys.contiguous(), memory_values.contiguous(), indices, mq, mscale, mscale,
+        out, o_l, o_m, lse_l, lse_m, T, T, M, KTOP, scale, Hq, Hq // Hkv,
+        HAS_KPM=False, NORMALIZED=normalized, JOINT=True, HAS_LOCAL=False, D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return o_m, lse_m

@@ -97,3 +97,16 @@ def test_backend_errors_are_clear(monkeypatch):
         q, k, v, mem_k, mem_v, idx, gate, scale, _ = make()
         with pytest.raises(ValueError, match="not on a CUDA device"):
             knn_attention(q, k, v, mem_k, mem_v, idx, gate, memory_scale=scale, backend="triton")
+
+
+@pytest.mark.slow
+def test_memory_branch_alone_matches_reference():
+    from knnmem.functional import memory_attention
+    from knnmem.kernels.knn_attention import memory_branch
+
+    q, k, v, mem_k, mem_v, idx, gate, scale, _ = make()
+    for logits in ("normalized", "raw"):
+        out, lse = memory_branch(q, mem_k, mem_v, idx, scale, 0.25, logits == "normalized")
+        ref_out, ref_lse = memory_attention(q, mem_k, mem_v, idx, logits, 0.25, scale)
+        torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+        torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
