@@ -3,37 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
-
-import torch
 
 
 def machine_info() -> dict:
-    import faiss
-    import numpy
-    import transformers
+    """The eval's environment record (platform, versions, device) plus the Triton version."""
+    from knnmem.eval.report import environment
 
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "numpy": numpy.__version__,
-        "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
     try:
         import triton
 
-        info["triton"] = triton.__version__
+        return {**environment(), "triton": triton.__version__}
     except ImportError:
-        info["triton"] = None
-    return info
+        return {**environment(), "triton": None}
 
 
 def timed(fn, repeat: int = 1) -> float:

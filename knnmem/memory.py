@@ -14,7 +14,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ._checks import check_dim, check_finite, check_floating, check_positive_int, check_tensor
@@ -228,8 +228,6 @@ class KNNMemory:
         """Read a file written by `save`. Raises ValueError if it is truncated or inconsistent."""
         path = os.fspath(path)
         try:
-            from safetensors import safe_open
-
             with safe_open(path, framework="pt") as f:
                 raw_meta = (f.metadata() or {}).get("knnmem")
             tensors = load_file(path)
