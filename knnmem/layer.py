@@ -6,7 +6,7 @@ from torch import nn
 
 from ._checks import check_positive_int, check_tensor
 from .functional import LOGITS, MODES, knn_attention
-from .memory import KNNMemory
+from .memory import KNNMemory, memory_for_batch
 
 
 class KNNAttention(nn.Module):
@@ -71,16 +71,10 @@ class KNNAttention(nn.Module):
         self._xl: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # k, v, valid (B, S)
 
     def _memory_for(self, x: torch.Tensor) -> KNNMemory:
-        B = x.shape[0]
-        if self.memory is not None and self.memory.batch_size != B:
-            if len(self.memory):
-                raise ValueError(f"x has batch size {B} but the memory holds {self.memory.batch_size} rows "
-                                 "with content: call reset_memory() before changing the batch size")
-            self.memory = None
-        if self.memory is None:
-            self.memory = KNNMemory(B, self.kv_heads, self.head_dim, self.max_memories,
-                                    backend=self.memory_backend, normalize=self.logits == "normalized",
-                                    device=x.device)
+        self.memory = memory_for_batch(
+            self.memory, x.shape[0], "reset_memory()", heads=self.kv_heads, head_dim=self.head_dim,
+            max_memories=self.max_memories, backend=self.memory_backend,
+            normalize=self.logits == "normalized", device=x.device)
         expected = (self.kv_heads, self.head_dim, self.logits == "normalized")
         if (self.memory.heads, self.memory.head_dim, self.memory.normalize) != expected:
             raise ValueError(f"memory must have heads={expected[0]}, head_dim={expected[1]}, "

@@ -261,6 +261,19 @@ class KNNMemory:
         return memory
 
 
+def memory_for_batch(memory: KNNMemory | None, batch_size: int, reset_hint: str, **options) -> KNNMemory:
+    """The memory to use for a batch of `batch_size` rows: `memory` itself, or a new
+    `KNNMemory(batch_size, **options)` when there is none or when an empty one has another batch
+    size. A non-empty memory of another batch size raises (rows are documents in progress);
+    `reset_hint` names the call that empties it."""
+    if memory is not None and memory.batch_size != batch_size:
+        if len(memory):
+            raise ValueError(f"batch size changed from {memory.batch_size} to {batch_size} while the memory "
+                             f"holds tokens: call {reset_hint} before changing the batch size")
+        memory = None
+    return memory if memory is not None else KNNMemory(batch_size, **options)
+
+
 def gather_rows(table: torch.Tensor, indices: torch.Tensor, group: int, zero_empty: bool = True) -> torch.Tensor:
     """table: (B, H, M, D); indices: (B, H * group, T, k), -1 = empty -> (B, H * group, T, k, D).
 

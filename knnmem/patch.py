@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .functional import LOGITS, MODES, knn_attention
-from .memory import KNNMemory
+from .memory import KNNMemory, memory_for_batch
 from .positions import POLICIES, RotaryPlacement
 
 ATTENTION_NAME = "knnmem"
@@ -111,17 +111,11 @@ class MemoryHandle:
 
     # ------------------------------------------------------------------ the attention step
     def _memory(self, layer: int, batch: int, heads: int, head_dim: int, device: torch.device) -> KNNMemory:
-        memory = self.memories.get(layer)
-        if memory is not None and memory.batch_size != batch:
-            if len(memory):
-                raise ValueError(f"batch size changed from {memory.batch_size} to {batch} while layer "
-                                 f"{layer}'s memory holds tokens: call reset() between batches")
-            memory = None
-        if memory is None:
-            memory = KNNMemory(batch, heads, head_dim, self.max_memories, backend=self.memory_backend,
-                               normalize=self.logits == "normalized", device=device)
-            self.memories[layer] = memory
-        return memory
+        self.memories[layer] = memory_for_batch(
+            self.memories.get(layer), batch, "reset() on the memory handle", heads=heads, head_dim=head_dim,
+            max_memories=self.max_memories, backend=self.memory_backend,
+            normalize=self.logits == "normalized", device=device)
+        return self.memories[layer]
 
     def attend(self, module: nn.Module, query, key, value, attention_mask, scaling, position_ids):
         B, Hq, T, D = query.shape
