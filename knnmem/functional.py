@@ -239,16 +239,17 @@ def knn_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    attention_mask = key_padding_from_mask(attention_mask, q.shape[2], k.shape[2])
-    if backend != "torch":
-        obstacles = _triton_obstacles(q, attention_mask)
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        # The kernel takes a (B, S) key-padding mask; transformers hands over full masks.
+        kernel_mask = key_padding_from_mask(attention_mask, q.shape[2], k.shape[2])
+        obstacles = _triton_obstacles(q, kernel_mask)
         if backend == "triton" and obstacles:
             raise ValueError("backend='triton' cannot run here: " + "; ".join(obstacles))
-        if not obstacles and (backend == "triton" or q.is_cuda):
+        if not obstacles:
             from .kernels.knn_attention import fused_knn_attention
 
             out, local_lse, memory_lse = fused_knn_attention(
-                q, k, v, memory_q, memory_keys, memory_values, indices, gate, memory_scale, attention_mask,
+                q, k, v, memory_q, memory_keys, memory_values, indices, gate, memory_scale, kernel_mask,
                 scale, logits == "normalized", mode == "joint")
             return (out, local_lse, memory_lse) if return_lse else out
     compute = torch.promote_types(q.dtype, torch.float32)
