@@ -24,6 +24,51 @@ import triton.language as tl
 
 
 @triton.jit
+def _program_tile(T, n_heads, group, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's (query tile, query head): batch row b, head h, its KV head's row kv,
+    row offsets, which rows exist, and the pointers of the tile's (BLOCK_M, D) block."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    kv = b * (n_heads // group) + h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < T
+    q_ptrs = (bh * T + offs_m[:, None]) * D + tl.arange(0, D)[None, :]
+    return pid_m, bh, b, h, kv, offs_m, row_ok, q_ptrs
+
+
+@triton.jit
+def _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale,
+                HAS_KPM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Local keys/values [start_n, start_n + BLOCK_N), their logits against q, and which pairs may
+    attend: in range, causal aligned to the end (key j visible to query i iff j <= i + S - T),
+    and not padding."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < S
+    ptrs = (kv * S + offs_n[:, None]) * D + tl.arange(0, D)[None, :]
+    k = tl.load(K + ptrs, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + ptrs, mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    allowed = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + S - T)
+    if HAS_KPM:
+        allowed = allowed & (tl.load(KPM + b * S + offs_n, mask=col_ok, other=0) != 0)[None, :]
+    return k, v, s, allowed
+
+
+@triton.jit
+def _online_softmax_step(m, l, s):
+    """Fold a tile of logits s (-inf = excluded) into the running row max m and sum l.
+    Returns (m, l, p, alpha): p the tile's unnormalised probabilities, alpha the factor that
+    rescales what was accumulated so far."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    return m_new, l * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
 def _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED: tl.constexpr):
     """The memory branch's queries (unit-normalised for normalized logits), the logit scale c,
     and the queries' norms."""
@@ -56,15 +101,7 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
                 T, S, M, KTOP, scale, n_heads, group,
                 HAS_KPM: tl.constexpr, NORMALIZED: tl.constexpr, JOINT: tl.constexpr, HAS_LOCAL: tl.constexpr,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    kv = b * (n_heads // group) + h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < T
-    q_ptrs = (bh * T + offs_m[:, None]) * D + offs_d[None, :]
+    pid_m, bh, b, h, kv, offs_m, row_ok, q_ptrs = _program_tile(T, n_heads, group, D, BLOCK_M)
     q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
 
     # ---- local branch: causal, end-aligned (key j visible to query i iff j <= i + S - T)
@@ -73,23 +110,9 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
     acc_l = tl.zeros([BLOCK_M, D], tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T) if HAS_LOCAL else 0  # 0: memory branch only
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        k = tl.load(K + (kv * S + offs_n[:, None]) * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + (kv * S + offs_n[:, None]) * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        allowed = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + S - T)
-        if HAS_KPM:
-            pad = tl.load(KPM + b * S + offs_n, mask=col_ok, other=0)
-            allowed = allowed & (pad[None, :] != 0)
-        s = tl.where(allowed, s, -float("inf"))
-        m_new = tl.maximum(m_l, tl.max(s, 1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_l - m_safe)
-        l_l = l_l * alpha + tl.sum(p, 1)
+        k, v, s, allowed = _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale, HAS_KPM, D, BLOCK_N)
+        m_l, l_l, p, alpha = _online_softmax_step(m_l, l_l, tl.where(allowed, s, -float("inf")))
         acc_l = acc_l * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_l = m_new
 
     # ---- memory branch: each query's own rows, gathered by index
     mq, c, _ = _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED)
@@ -98,15 +121,9 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
     acc_m = tl.zeros([BLOCK_M, D], tl.float32)
     for start_k in range(0, KTOP, BLOCK_K):
         kg, vg, valid = _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP, D, BLOCK_K)
-        s = tl.sum(mq[:, None, :] * kg, 2) * c
-        s = tl.where(valid, s, -float("inf"))
-        m_new = tl.maximum(m_m, tl.max(s, 1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_m - m_safe)
-        l_m = l_m * alpha + tl.sum(p, 1)
+        s = tl.where(valid, tl.sum(mq[:, None, :] * kg, 2) * c, -float("inf"))
+        m_m, l_m, p, alpha = _online_softmax_step(m_m, l_m, s)
         acc_m = acc_m * alpha[:, None] + tl.sum(p[:, :, None] * vg, 1)
-        m_m = m_new
 
     # ---- epilogue: combine
     lse_l = tl.where(l_l > 0, m_l + tl.log(tl.where(l_l > 0, l_l, 1.0)), -float("inf"))
@@ -182,15 +199,7 @@ def _bwd_dq_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, MSCALE, DO,
                    HAS_KPM: tl.constexpr, NORMALIZED: tl.constexpr,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dq of the local branch, dmq of the memory branch, and per-row d(memory scale)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
-    kv = b * (n_heads // group) + h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < T
-    q_ptrs = (bh * T + offs_m[:, None]) * D + offs_d[None, :]
+    pid_m, bh, b, h, kv, offs_m, row_ok, q_ptrs = _program_tile(T, n_heads, group, D, BLOCK_M)
     q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
 
@@ -200,14 +209,7 @@ def _bwd_dq_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, MSCALE, DO,
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < S
-        k = tl.load(K + (kv * S + offs_n[:, None]) * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + (kv * S + offs_n[:, None]) * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        allowed = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + S - T)
-        if HAS_KPM:
-            allowed = allowed & (tl.load(KPM + b * S + offs_n, mask=col_ok, other=0) != 0)[None, :]
+        k, v, s, allowed = _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale, HAS_KPM, D, BLOCK_N)
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do_a, tl.trans(v.to(tl.float32)))
         ds = p * (dp - delta[:, None])
@@ -239,32 +241,46 @@ def _blocks(D: int) -> tuple[int, int, int]:
     return (16 if D >= 128 else 32), 32, 16
 
 
+def _per_head(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A (Hq,) per-head parameter as the kernel reads it: detached fp32, zeros where unused."""
+    return x.detach().float().contiguous() if x is not None else like.new_zeros(like.shape[1], dtype=torch.float32)
+
+
+def _forward(q, k, v, memory_q, memory_keys, memory_values, indices, gate, memory_scale, key_padding,
+             scale: float, normalized: bool, joint: bool, has_local: bool = True):
+    """Launch `_fwd_kernel` on contiguous inputs. Returns the kernel's inputs as it read them and
+    its outputs: (inputs tuple, out, local_out, memory_out, local_lse, memory_lse)."""
+    B, Hq, T, D = q.shape
+    Hkv, M = memory_keys.shape[1], memory_keys.shape[2]  # k, v have Hkv heads too (validated)
+    S, KTOP = k.shape[2], indices.shape[3]
+    q, k, v, memory_q = (x.contiguous() for x in (q, k, v, memory_q))
+    memory_keys, memory_values = memory_keys.detach().contiguous(), memory_values.detach().contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    kpm = key_padding.to(torch.int8).contiguous() if key_padding is not None else q  # unused if None
+    gate_t, mscale_t = _per_head(gate, q), _per_head(memory_scale, q)
+    out = torch.empty_like(q)
+    o_l = torch.empty(B, Hq, T, D, device=q.device, dtype=torch.float32)
+    o_m = torch.empty_like(o_l)
+    lse_l = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    lse_m = torch.empty_like(lse_l)
+    BM, BN, BK = _blocks(D)
+    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
+        q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t,
+        out, o_l, o_m, lse_l, lse_m, T, S, M, KTOP, scale, Hq, Hq // Hkv,
+        HAS_KPM=key_padding is not None, NORMALIZED=normalized, JOINT=joint, HAS_LOCAL=has_local,
+        D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    inputs = (q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t)
+    return inputs, out, o_l, o_m, lse_l, lse_m
+
+
 class _KNNAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, memory_q, memory_keys, memory_values, indices, gate, memory_scale,
                 key_padding, scale, normalized, joint):
-        B, Hq, T, D = q.shape
-        Hkv, S, M, KTOP = k.shape[1], k.shape[2], memory_keys.shape[2], indices.shape[3]
-        q, k, v, memory_q = (x.contiguous() for x in (q, k, v, memory_q))
-        memory_keys, memory_values = memory_keys.detach().contiguous(), memory_values.detach().contiguous()
-        indices = indices.to(torch.int32).contiguous()
-        kpm = key_padding.to(torch.int8).contiguous() if key_padding is not None else q  # unused if None
-        gate_t = gate.detach().float().contiguous() if gate is not None else q.new_zeros(Hq, dtype=torch.float32)
-        mscale_t = (memory_scale.detach().float().contiguous() if memory_scale is not None
-                    else q.new_zeros(Hq, dtype=torch.float32))
-        out = torch.empty_like(q)
-        o_l = torch.empty(B, Hq, T, D, device=q.device, dtype=torch.float32)
-        o_m = torch.empty_like(o_l)
-        lse_l = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-        lse_m = torch.empty_like(lse_l)
-        BM, BN, BK = _blocks(D)
-        _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
-            q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t,
-            out, o_l, o_m, lse_l, lse_m, T, S, M, KTOP, scale, Hq, Hq // Hkv,
-            HAS_KPM=key_padding is not None, NORMALIZED=normalized, JOINT=joint, HAS_LOCAL=True,
-            D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
-        ctx.save_for_backward(q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t,
-                              out, o_l, o_m, lse_l, lse_m)
+        inputs, out, o_l, o_m, lse_l, lse_m = _forward(
+            q, k, v, memory_q, memory_keys, memory_values, indices, gate, memory_scale, key_padding,
+            scale, normalized, joint)
+        ctx.save_for_backward(*inputs, out, o_l, o_m, lse_l, lse_m)
         ctx.has_kpm, ctx.scale, ctx.normalized, ctx.joint = key_padding is not None, scale, normalized, joint
         ctx.gate_dtype = gate.dtype if gate is not None else None
         ctx.mscale_dtype = memory_scale.dtype if memory_scale is not None else None
@@ -329,19 +345,7 @@ def fused_knn_attention(q, k, v, memory_q, memory_keys, memory_values, indices, 
 def memory_branch(memory_q, memory_keys, memory_values, indices, memory_scale, scale: float, normalized: bool):
     """Forward of the memory branch alone (the same kernel without its local loop), for a
     two-kernel pipeline: returns (out (B, Hq, T, D) float32, lse (B, Hq, T) float32)."""
-    B, Hq, T, D = memory_q.shape
-    Hkv, M, KTOP = memory_keys.shape[1], memory_keys.shape[2], indices.shape[3]
-    mq = memory_q.contiguous()
-    indices = indices.to(torch.int32).contiguous()
-    mscale = memory_scale.float().contiguous() if memory_scale is not None else mq.new_zeros(Hq, dtype=torch.float32)
-    out = torch.empty_like(mq)
-    o_l = torch.empty(B, Hq, T, D, device=mq.device, dtype=torch.float32)
-    o_m = torch.empty_like(o_l)
-    lse_l = torch.empty(B, Hq, T, device=mq.device, dtype=torch.float32)
-    lse_m = torch.empty_like(lse_l)
-    BM, BN, BK = _blocks(D)
-    _fwd_kernel[(triton.cdiv(T, BM), B * Hq)](
-        mq, mq, mq, mq, memory_keys.contiguous(), memory_values.contiguous(), indices, mq, mscale, mscale,
-        out, o_l, o_m, lse_l, lse_m, T, T, M, KTOP, scale, Hq, Hq // Hkv,
-        HAS_KPM=False, NORMALIZED=normalized, JOINT=True, HAS_LOCAL=False, D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    # The local inputs are placeholders: with has_local=False the kernel never reads them.
+    _, _, _, o_m, _, lse_m = _forward(memory_q, memory_q, memory_q, memory_q, memory_keys, memory_values, indices,
+                                      None, memory_scale, None, scale, normalized, joint=True, has_local=False)
     return o_m, lse_m
