@@ -217,7 +217,7 @@ def patch(
                           model.config._attn_implementation)
     config = model.config
     heads = config.num_attention_heads
-    head_dim = next(iter(modules)).head_dim if hasattr(modules[0], "head_dim") else config.hidden_size // heads
+    head_dim = getattr(modules[0], "head_dim", config.hidden_size // heads)  # GPT-NeoX has none
     for module in modules:
         if module.layer_idx in layers:
             param = next(module.parameters())

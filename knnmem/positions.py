@@ -59,9 +59,6 @@ class RotaryPlacement:
             raise ValueError(f"position must be one of {POLICIES}, got {policy!r}")
         self.rotary, self.policy, self.distance = rotary, policy, int(distance)
 
-    def _angles(self, like: torch.Tensor, position_ids: torch.Tensor):
-        return self.rotary(like, position_ids)
-
     def split(self, q: torch.Tensor, new_k: torch.Tensor, position_ids: torch.Tensor | None, window: int):
         """q: (B, Hq, T, D) rotated queries; new_k: (B, Hkv, T, D) the segment's rotated keys;
         position_ids: (B, T) or None (then 0..T-1 after `window - T` earlier keys).
@@ -71,7 +68,7 @@ class RotaryPlacement:
         B, _, T, _ = q.shape
         if position_ids is None:
             position_ids = torch.arange(window - T, window, device=q.device).expand(B, T)
-        cos, sin = self._angles(q, position_ids)
+        cos, sin = self.rotary(q, position_ids)
         q0, k0 = undo_rotary(q, cos, sin), undo_rotary(new_k, cos, sin)
         if self.policy == "none":
             return q0, k0
@@ -79,5 +76,5 @@ class RotaryPlacement:
             at = torch.full_like(position_ids, self.distance)
         else:  # start: distance from the first key of the local window
             at = position_ids - position_ids[:, :1] + (window - T)
-        cos, sin = self._angles(q, at)
+        cos, sin = self.rotary(q, at)
         return apply_rotary(q0, cos, sin), k0
