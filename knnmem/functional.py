@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_dim, check_floating, check_tensor
-from .memory import gather_rows
+from .memory import flat_rows, gather_rows
 
 MODES = ("gate", "joint")
 LOGITS = ("normalized", "raw")
@@ -62,11 +63,35 @@ def local_allowed(T: int, S: int, attention_mask: torch.Tensor | None, device) -
     return allowed
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _flash_local_cpu(q, k, v, scale: float, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local branch through torch's fused CPU flash attention, which also returns the lse:
+    no (T, S) probability matrix is materialised. Inference only (the op's lse has no gradient)."""
+    T, S = q.shape[2], k.shape[2]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if attention_mask is None and S == T:
+        out, lse = flash(q, k, v, 0.0, True, scale=scale)[:2]
+        return out, lse
+    allowed = local_allowed(T, S, attention_mask, q.device)
+    additive = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
+    out, lse = flash(q, k, v, 0.0, False, attn_mask=additive, scale=scale)[:2]
+    # The op reports lse 0 (output 0) for a query that may attend to nothing; the semantics say -inf.
+    return out, lse.masked_fill(~allowed.any(-1), -math.inf)
+
+
 def local_attention(q, k, v, scale: float, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal softmax attention. q: (B, Hq, T, D); k, v: (B, Hkv, S, D) -> (out, lse (B, Hq, T))."""
+    """Causal softmax attention. q: (B, Hq, T, D); k, v: (B, Hkv, S, D) -> (out, lse (B, Hq, T)).
+
+    On a CPU without autograd, through the fused flash op; otherwise the materialised softmax.
+    """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
+    if q.device.type == "cpu" and q.dtype == torch.float32 and not _needs_grad(q, k, v):
+        return _flash_local_cpu(q, k, v, scale, attention_mask)
     logits = (q @ k.transpose(-1, -2)) * scale
     probs, lse = masked_softmax(logits, local_allowed(q.shape[2], k.shape[2], attention_mask, q.device))
     return probs @ v, lse
@@ -79,6 +104,11 @@ def memory_attention(q, memory_keys, memory_values, indices, logits: str, scale:
     q: (B, Hq, T, D); memory_keys/values: (B, Hkv, M, D); indices: (B, Hq, T, k), -1 = empty.
     Returns (out (B, Hq, T, D), lse (B, Hq, T)); memory is detached.
     """
+    if not bool((indices >= 0).any()):  # nothing retrieved (e.g. an empty memory): skip the gathers
+        return torch.zeros_like(q), torch.full(q.shape[:3], -math.inf, dtype=q.dtype, device=q.device)
+    if (q.device.type == "cpu" and memory_keys.dtype == q.dtype == memory_values.dtype
+            and not _needs_grad(q, memory_scale)):
+        return _memory_attention_sparse(q, memory_keys, memory_values, indices, logits, scale, memory_scale)
     group = q.shape[1] // memory_keys.shape[1]
     # Empty slots get probability 0 below, so they need not be zeroed here.
     mem_k = gather_rows(memory_keys.detach(), indices, group, zero_empty=False).to(q.dtype)
@@ -90,6 +120,33 @@ def memory_attention(q, memory_keys, memory_values, indices, logits: str, scale:
         scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) * scale
     probs, lse = masked_softmax(scores, indices >= 0)
     return torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v), lse
+
+
+def _memory_attention_sparse(q, memory_keys, memory_values, indices, logits: str, scale: float,
+                             memory_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """`memory_attention` for inference on a CPU, without materialising the (B, Hq, T, k, D)
+    gathered rows: the retrieved logits are one sampled matmul (SDDMM) over a block-diagonal
+    sparse pattern (query row x stored row), the output one weighted `embedding_bag` of values."""
+    B, Hq, T, D = q.shape
+    _, H, M, _ = memory_keys.shape
+    k = indices.shape[-1]
+    rows = flat_rows(indices, H, M, Hq // H).reshape(-1, k)  # (B*Hq*T, k)
+    queries = F.normalize(q, dim=-1) if logits == "normalized" else q
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is what we need
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            torch.arange(0, rows.numel() + 1, k, device=q.device), rows.flatten(),
+            torch.zeros(rows.numel(), dtype=q.dtype, device=q.device), (rows.shape[0], B * H * M),
+            check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, queries.reshape(-1, D), memory_keys.reshape(-1, D).T,
+                                          beta=0.0).values().reshape(B, Hq, T, k)
+    if logits == "normalized":
+        scores = dots * memory_scale.to(q.dtype)[None, :, None, None]
+    else:
+        scores = dots * scale
+    probs, lse = masked_softmax(scores, indices >= 0)
+    out = F.embedding_bag(rows, memory_values.reshape(-1, D), per_sample_weights=probs.reshape(-1, k), mode="sum")
+    return out.reshape(B, Hq, T, D), lse
 
 
 def key_padding_from_mask(mask: torch.Tensor | None, T: int, S: int) -> torch.Tensor | None:

@@ -1,8 +1,9 @@
 """`KNNMemory`: a bounded per-(batch row, KV head) memory of keys and values, with kNN search.
 
 Storage is a ring buffer: `keys`, `values` of shape `(B, H, M, D)`. Row `b`'s n-th written token
-goes to slot `n % M`, so when a row is full the oldest entries are overwritten first (FIFO), and
-the valid slots of a row are always `[0, counts[b])`. Search results are slots, so an attention
+goes to slot `n` while the row has room; after that the oldest entries are overwritten first
+(FIFO), except the row's first `pinned` tokens (a document's attention sinks), which stay until
+the row is cleared. The valid slots of a row are always `[0, counts[b])`. Search results are slots, so an attention
 kernel reads `keys[b, h, idx]` directly, and ids can never drift from the stored rows.
 
 Rows are separate documents and heads separate memories: nothing is ever searched across them.
@@ -31,6 +32,8 @@ class KNNMemory:
         heads: number of key/value heads, H. Queries may have any multiple of H heads (GQA).
         head_dim: D.
         max_memories: capacity per (row, head), M; the oldest entries are overwritten first.
+        pinned: the first `pinned` tokens written to a row after a clear are never overwritten
+            (0 <= pinned < M); FIFO applies to the other M - pinned slots.
         backend: "auto" (default), "exact", "flat", "ivf" or "hnsw"; see `knnmem.search`.
             The resolved choice is `memory.backend`.
         normalize: L2-normalise keys on write and queries on search (the paper's form).
@@ -48,6 +51,7 @@ class KNNMemory:
         max_memories: int = 65536,
         *,
         backend: str = "auto",
+        pinned: int = 0,
         normalize: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -57,6 +61,9 @@ class KNNMemory:
         self.heads = check_positive_int("heads", heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
         self.max_memories = check_positive_int("max_memories", max_memories)
+        if isinstance(pinned, bool) or not isinstance(pinned, int) or not 0 <= pinned < max_memories:
+            raise ValueError(f"pinned must be an integer in [0, max_memories={max_memories}), got {pinned!r}")
+        self.pinned = pinned
         device = torch.device(device if device is not None else "cpu")
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -99,7 +106,7 @@ class KNNMemory:
     def __repr__(self) -> str:
         return (
             f"KNNMemory(batch_size={self.batch_size}, heads={self.heads}, head_dim={self.head_dim}, "
-            f"max_memories={self.max_memories}, backend={self.backend!r}, normalize={self.normalize}, "
+            f"max_memories={self.max_memories}, pinned={self.pinned}, backend={self.backend!r}, normalize={self.normalize}, "
             f"device={self.device}, dtype={self.dtype}, stored={self.counts.tolist()})"
         )
 
@@ -119,7 +126,7 @@ class KNNMemory:
 
         keys, values: (B, H, T, D). mask: optional (B, T) bool, True = store this token
         (padding must be False: it is never stored). Tokens are written in order; a row that
-        receives more than M tokens keeps the last M.
+        receives more than M tokens keeps its first `pinned` and its last M - `pinned`.
         """
         self._check_kv("keys", keys)
         self._check_kv("values", values)
@@ -136,15 +143,17 @@ class KNNMemory:
             keys = F.normalize(keys.float(), dim=-1)
         keys = keys.to(self.device, self.dtype)
         values = values.to(self.device, self.dtype)
-        M = self.max_memories
+        M, P = self.max_memories, self.pinned
         for row in range(self.batch_size):
             tokens = torch.arange(T) if mask is None else mask[row].nonzero().flatten().cpu()
             n = tokens.numel()
             if n == 0:
                 continue
-            tokens = tokens[-M:]  # earlier ones would be overwritten within this very write
-            first = int(self.written[row]) + n - tokens.numel()
-            slots = (first + torch.arange(tokens.numel())) % M
+            ordinal = int(self.written[row]) + torch.arange(n)  # n-th token of the row since its clear
+            # Skip tokens that a later token of this very write overwrites (same slot, M - P on).
+            keep = (ordinal < P) | (ordinal + (M - P) > ordinal[-1])
+            tokens, ordinal = tokens[keep], ordinal[keep]
+            slots = torch.where(ordinal < M, ordinal, P + (ordinal - P) % (M - P))
             overwrote = int(self.written[row]) + n > M
             dev_slots, dev_tokens = slots.to(self.device), tokens.to(self.device)
             self.keys[row, :, dev_slots] = keys[row][:, dev_tokens]
@@ -213,6 +222,7 @@ class KNNMemory:
             "heads": self.heads,
             "head_dim": self.head_dim,
             "max_memories": self.max_memories,
+            "pinned": self.pinned,
             "normalize": self.normalize,
             "backend": self._search.name,
             "backend_options": self._backend_options,
@@ -245,7 +255,7 @@ class KNNMemory:
                 raise ValueError(f"{path}: tensor {name!r} should have shape {expected}, got {got}")
         memory = cls(
             meta["batch_size"], meta["heads"], meta["head_dim"], meta["max_memories"],
-            backend=backend or meta["backend"], normalize=meta["normalize"], device=device,
+            backend=backend or meta["backend"], pinned=meta.get("pinned", 0), normalize=meta["normalize"], device=device,
             dtype=getattr(torch, meta["dtype"]), backend_options=meta["backend_options"],
         )
         memory.keys.copy_(tensors["keys"])
@@ -274,6 +284,18 @@ def memory_for_batch(memory: KNNMemory | None, batch_size: int, reset_hint: str,
     return memory if memory is not None else KNNMemory(batch_size, **options)
 
 
+def flat_rows(indices: torch.Tensor, heads: int, slots: int, group: int) -> torch.Tensor:
+    """Row numbers in a (B * heads * slots, D) view of a (B, heads, slots, D) table.
+
+    indices: (B, heads * group, T, k) slots, -1 = empty -> same shape, int64; query head j reads
+    KV head j // group. Empty slots point at the row's slot 0 (callers give them zero weight).
+    """
+    B = indices.shape[0]
+    head = torch.arange(indices.shape[1], device=indices.device) // group
+    base = (torch.arange(B, device=indices.device)[:, None] * heads + head[None, :]) * slots  # (B, Hq)
+    return base[:, :, None, None] + indices.clamp(min=0).long()
+
+
 def gather_rows(table: torch.Tensor, indices: torch.Tensor, group: int, zero_empty: bool = True) -> torch.Tensor:
     """table: (B, H, M, D); indices: (B, H * group, T, k), -1 = empty -> (B, H * group, T, k, D).
 
@@ -281,8 +303,6 @@ def gather_rows(table: torch.Tensor, indices: torch.Tensor, group: int, zero_emp
     as some finite stored row (cheaper, for callers that give empty slots zero weight).
     """
     B, H, M, D = table.shape
-    head = torch.arange(indices.shape[1], device=indices.device) // group
-    flat = (torch.arange(B, device=indices.device)[:, None] * H + head[None, :]) * M  # (B, Hq)
-    flat = flat[:, :, None, None] + indices.clamp(min=0)
+    flat = flat_rows(indices, H, M, group)
     rows = table.reshape(B * H * M, D)[flat.flatten()].reshape(*indices.shape, D)
     return rows.masked_fill((indices < 0)[..., None], 0) if zero_empty else rows

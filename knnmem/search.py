@@ -13,11 +13,11 @@ Trade-offs, for choosing a backend:
 - `exact`: torch matmul + top-k, chunked over the memory, on the store's device. Exact; the
   fastest choice on a GPU and on a CPU up to a few hundred thousand memories per head.
 - `flat`: FAISS brute force (`faiss.knn`) over the store's buffer. Exact; CPU, float32.
-- `ivf`: FAISS IVF-Flat with `nlist ~ sqrt(max_memories)` lists, trained once from the buffer when
-  `39 * nlist` keys exist (exact search before that), `nprobe = max(32, nlist // 8)` by default.
-  Supports deletion, so FIFO overwrites are cheap. The choice for large memories on a CPU;
-  below ~64K memories per head exact search is as fast and IVF's recall is lower.
-- `hnsw`: FAISS HNSW-Flat (M=32, efSearch=128). Fast, high recall, but slow to build and it cannot
+- `ivf`: FAISS IVF-Flat, up to `max_memories // 128` lists (at most 4096), `nprobe = 8`. A row is
+  searched exactly until it holds 2048 keys, then trained on what it holds and retrained as it
+  grows 4x. Supports deletion, so FIFO overwrites are cheap. What `auto` picks on a CPU above
+  4096 memories per head: exact search costs (queries x memories) there, IVF a small fraction.
+- `hnsw`: FAISS HNSW-Flat (M=16, efSearch=32). Fast, high recall, but slow to build and it cannot
   delete: once a row's memory is full, every write that overwrites entries rebuilds that row's
   index from the buffer. Use it for memories that are written once and read many times.
 """
@@ -61,9 +61,10 @@ def exact_search(
     for start in range(0, used, chunk):
         stop = min(used, start + chunk)
         scores = (q @ keys[:, :, start:stop].to(compute_dtype).transpose(-1, -2)).float()
-        slot = torch.arange(start, stop, device=keys.device)
-        invalid = slot[None, :] >= counts[:, None]  # (B, C)
-        scores.masked_fill_(invalid[:, None, None, :], -math.inf)
+        if int(counts.min()) < stop:  # some row holds fewer keys than this chunk reaches
+            slot = torch.arange(start, stop, device=keys.device)
+            invalid = slot[None, :] >= counts[:, None]  # (B, C)
+            scores.masked_fill_(invalid[:, None, None, :], -math.inf)
         top_s, top_i = scores.topk(min(k, stop - start), dim=-1)
         best_s = torch.cat([best_s, top_s], dim=-1)
         best_i = torch.cat([best_i, top_i + start], dim=-1)
@@ -194,39 +195,58 @@ class _PerRowHeadIndexes(SearchBackend):
 
 
 class IVFBackend(_PerRowHeadIndexes):
-    """IVF-Flat per (row, head); ids are slots; exact search until enough keys to train."""
+    """IVF-Flat per (row, head), ids = slots. A row is searched exactly until it holds
+    `min_train` keys; its index is then trained on the keys it holds, with `count // 39` lists
+    (k-means needs ~39 points per list), and retrained each time the row has grown 4x, until it
+    has `nlist` lists. Overwritten slots are removed and re-added (IVF can delete)."""
 
     name = "ivf"
 
-    def __init__(self, memory, nlist: int | None = None, nprobe: int | None = None) -> None:
+    def __init__(self, memory, nlist: int | None = None, nprobe: int = 8, min_train: int = 2048) -> None:
         super().__init__(memory)
         M = memory.max_memories
-        self.nlist = nlist or max(1, min(4096, round(math.sqrt(M)), M // 39))
-        self.nprobe = nprobe or min(self.nlist, max(32, self.nlist // 8))
-        self.train_size = min(memory.max_memories, 39 * self.nlist)
+        self.nlist = nlist or max(1, min(4096, M // 128))
+        self.nprobe = nprobe
+        self.min_train = min(min_train, M)
+        self.trained_at = [0] * memory.batch_size  # the row's count when its index was trained
 
     def _build(self, row: int, h: int) -> faiss.Index:
         mem = self.memory
         count = int(mem.counts[row])
         data = _as_numpy(mem.keys[row, h, :count])
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(mem.head_dim), mem.head_dim, self.nlist,
-                                   faiss.METRIC_INNER_PRODUCT)
+        nlist = max(1, min(self.nlist, count // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(mem.head_dim), mem.head_dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.min_points_per_centroid = 1  # we choose nlist from the count ourselves; no warning
         index.train(data)
         index.add_with_ids(data, np.arange(count, dtype=np.int64))
-        index.nprobe = self.nprobe
+        index.nprobe = min(self.nprobe, nlist)
         return index
+
+    def on_clear(self, row):
+        super().on_clear(row)
+        self.trained_at[row] = 0
 
     def on_write(self, row, slots, overwrote):
         mem = self.memory
-        if self.indexes[row][0] is None:
-            if int(mem.counts[row]) >= self.train_size:
-                self.indexes[row] = [self._build(row, h) for h in range(mem.heads)]
+        count = int(mem.counts[row])
+        index = self.indexes[row][0]
+        grown = index is not None and index.nlist < self.nlist and count >= 4 * self.trained_at[row]
+        if (index is None and count >= self.min_train) or grown:
+            self.indexes[row] = [self._build(row, h) for h in range(mem.heads)]
+            self.trained_at[row] = count
+            return
+        if index is None:
             return
         ids = slots.cpu().numpy().astype(np.int64)
         for h, index in enumerate(self.indexes[row]):
             if overwrote:
                 index.remove_ids(ids)
-            index.add_with_ids(_as_numpy(mem.keys[row, h, slots]), ids)
+            index.add_with_ids(_as_numpy(mem.keys[row, h, slots.to(mem.keys.device)]), ids)
+
+    def load_state(self, tensors):
+        super().load_state(tensors)
+        for row, indexes in enumerate(self.indexes):
+            self.trained_at[row] = int(self.memory.counts[row]) if indexes[0] is not None else 0
 
     def describe(self):
         return f"ivf(nlist={self.nlist}, nprobe={self.nprobe})"
@@ -238,7 +258,7 @@ class HNSWBackend(_PerRowHeadIndexes):
 
     name = "hnsw"
 
-    def __init__(self, memory, m: int = 32, ef_search: int = 128) -> None:
+    def __init__(self, memory, m: int = 16, ef_search: int = 32) -> None:
         super().__init__(memory)
         self.m = m
         self.ef_search = ef_search
@@ -272,8 +292,13 @@ def make_backend(name: str, memory, **options) -> SearchBackend:
     return classes[name](memory, **options)
 
 
+# Largest memory per (row, head) for which `auto` picks exact search on a CPU (see the README's
+# store section and benchmarks/results/memory_cpu.json for the measured crossover).
+AUTO_EXACT_MAX_CPU = 4096
+
+
 def auto_backend(device: torch.device, max_memories: int) -> str:
-    """Exact search wins on a GPU, and on a CPU until memories get large (see benchmarks)."""
-    if device.type != "cpu" or max_memories <= 262_144:
+    """Exact search on a GPU and for small memories on a CPU; IVF above (measured crossover)."""
+    if device.type != "cpu" or max_memories <= AUTO_EXACT_MAX_CPU:
         return "exact"
     return "ivf"

@@ -216,3 +216,50 @@ def test_bad_constructor_arguments():
 def test_auto_backend_is_visible():
     assert KNNMemory(1, 1, 8, 1024).backend == "exact"
     assert KNNMemory(1, 1, 8, 1 << 20).backend.startswith("ivf(")
+
+
+@pytest.mark.parametrize("backend", ["exact", "ivf", "hnsw"])
+def test_pinned_tokens_survive_ten_times_overflow(backend):
+    """The first `pinned` tokens of a row stay; the other slots hold the latest tokens (FIFO)."""
+    M, P = 40, 5
+    memory = KNNMemory(2, 2, 8, M, backend=backend, pinned=P, backend_options={"min_train": 16} if backend == "ivf" else None)
+    g = torch.Generator().manual_seed(0)
+    written = 0
+    for chunk in [7, 13, 1, 29, 50, 3, 97, 200] + [1] * 10:  # 410 tokens, > 10x M; some writes exceed M
+        keys = torch.randn(2, 2, chunk, 8, generator=g)
+        values = torch.zeros(2, 2, chunk, 8)
+        values[..., 0] = torch.arange(written, written + chunk, dtype=torch.float32)
+        memory.add(keys, values)
+        written += chunk
+    assert written > 10 * M and memory.counts.tolist() == [M, M]
+    ordinals = sorted(memory.values[1, 1, :, 0].long().tolist())
+    assert ordinals == list(range(P)) + list(range(written - (M - P), written))
+    # every stored row is retrievable, and retrieval returns the slot it is stored at
+    _, idx = memory.search(memory.keys[:, :, :M].clone(), 1)
+    torch.testing.assert_close(idx[..., 0], torch.arange(M).expand(2, 2, M))
+
+
+def test_pinned_must_leave_room_for_fifo():
+    for bad in (-1, 40, 41, True, 2.0):
+        with pytest.raises(ValueError, match="pinned"):
+            KNNMemory(1, 1, 8, 40, pinned=bad)
+
+
+def test_ivf_trains_early_and_retrains_as_the_row_grows():
+    from knnmem.synthetic import clustered_keys
+
+    g = torch.Generator().manual_seed(0)
+    memory = KNNMemory(1, 1, 32, 16384, backend="ivf", backend_options={"min_train": 512})
+    exact = KNNMemory(1, 1, 32, 16384, backend="exact")
+    data = clustered_keys(8192 + 256, 32, clusters=64, generator=g).reshape(1, 1, -1, 32)
+    lists = []
+    for chunk in data[:, :, :8192].split(512, dim=2):
+        memory.add(chunk, chunk)
+        exact.add(chunk, chunk)
+        index = memory._search.indexes[0][0]
+        lists.append(index.nlist if index is not None else 0)
+    assert lists[0] == 13 and lists[3] == 52 and lists[-1] == 128  # 512 // 39, then 4x growth, capped
+    _, found = memory.search(data[:, :, 8192:], 8)
+    _, truth = exact.search(data[:, :, 8192:], 8)
+    recall = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean()
+    assert recall > 0.9  # approximate by design; nprobe 8 of 128 lists on 64 clusters
