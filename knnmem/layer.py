@@ -17,6 +17,9 @@ class KNNAttention(nn.Module):
     segment's keys/values (detached) into memory. Batch rows are independent documents; call
     `reset_memory(rows)` when a row starts a new document.
 
+    With `xl_cache`, the previous segment is local context, and a segment enters memory only when
+    it leaves the cache (the delayed write): no token is both attended locally and retrieved.
+
     Args:
         dim: model width. heads: query heads. head_dim: default dim // heads.
         kv_heads: key/value heads (grouped-query attention), default heads.
@@ -24,6 +27,7 @@ class KNNAttention(nn.Module):
         mode: "gate" (learned per-head sigmoid gate, initialised at 0.5) or "joint".
         logits: "normalized" (the paper's: cosine times a learned per-head scale) or "raw".
         xl_cache: also attend locally to the previous segment's keys/values (Transformer-XL).
+        pinned: the first `pinned` tokens of each document stay in memory when it overflows.
         memory_backend: search backend of the owned memory ("auto", "exact", "ivf", ...).
         memory: an existing `KNNMemory` to use instead of creating one on the first call.
         bias: use biases in the projections.
@@ -43,6 +47,7 @@ class KNNAttention(nn.Module):
         memory_backend: str = "auto",
         memory: KNNMemory | None = None,
         bias: bool = False,
+        pinned: int = 0,
     ) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
@@ -60,6 +65,7 @@ class KNNAttention(nn.Module):
         self.topk = check_positive_int("topk", topk)
         self.max_memories = check_positive_int("max_memories", max_memories)
         self.mode, self.logits, self.xl_cache, self.memory_backend = mode, logits, xl_cache, memory_backend
+        self.pinned = pinned
         self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
@@ -73,7 +79,7 @@ class KNNAttention(nn.Module):
     def _memory_for(self, x: torch.Tensor) -> KNNMemory:
         self.memory = memory_for_batch(
             self.memory, x.shape[0], "reset_memory()", heads=self.kv_heads, head_dim=self.head_dim,
-            max_memories=self.max_memories, backend=self.memory_backend,
+            max_memories=self.max_memories, backend=self.memory_backend, pinned=self.pinned,
             normalize=self.logits == "normalized", device=x.device)
         expected = (self.kv_heads, self.head_dim, self.logits == "normalized")
         if (self.memory.heads, self.memory.head_dim, self.memory.normalize) != expected:
@@ -108,7 +114,12 @@ class KNNAttention(nn.Module):
         _, indices = memory.search(q.detach(), self.topk)
         valid = attention_mask if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
         local_k, local_v, local_valid = k, v, valid
-        if self.xl_cache and self._xl is not None and self._xl[0].shape[0] == B:
+        if self._xl is not None and self._xl[0].shape[0] != B:
+            if bool(self._xl[2].any()):
+                raise ValueError(f"batch size changed from {self._xl[0].shape[0]} to {B} while the XL cache "
+                                 "holds tokens: call reset_memory() before changing the batch size")
+            self._xl = None
+        if self._xl is not None:
             local_k = torch.cat([self._xl[0], k], dim=2)
             local_v = torch.cat([self._xl[1], v], dim=2)
             local_valid = torch.cat([self._xl[2], valid], dim=1)
@@ -117,7 +128,10 @@ class KNNAttention(nn.Module):
             memory_scale=self.memory_scale, mode=self.mode, logits=self.logits,
             attention_mask=None if bool(local_valid.all()) else local_valid,
         )
-        memory.add(k.detach(), v.detach(), mask=valid)
-        if self.xl_cache:
+        if self.xl_cache:  # the cached segment leaves the local context now: it enters memory
+            if self._xl is not None:
+                memory.add(*self._xl[:2], mask=self._xl[2])
             self._xl = (k.detach(), v.detach(), valid.clone())
+        else:
+            memory.add(k.detach(), v.detach(), mask=valid)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))

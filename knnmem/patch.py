@@ -47,15 +47,15 @@ class MemoryHandle:
     """The memory of a patched model: one `KNNMemory` per patched layer, created on first use."""
 
     def __init__(self, model: nn.Module, layers: list[int], topk: int, max_memories: int, mode: str,
-                 logits: str, placement: RotaryPlacement | None, memory_backend: str,
+                 logits: str, placement: RotaryPlacement | None, memory_backend: str, pinned: int,
                  previous_attn_implementation: str) -> None:
         self.model, self.layers = model, layers
         self.topk, self.max_memories, self.mode, self.logits = topk, max_memories, mode, logits
-        self.placement, self.memory_backend = placement, memory_backend
+        self.placement, self.memory_backend, self.pinned = placement, memory_backend, pinned
         self.previous_attn_implementation = previous_attn_implementation
         self.memories: dict[int, KNNMemory] = {}
         self.last_indices: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, T, topk) of the last call
-        self.writing = True
+        self.write_first: int | None = None  # None: every call writes all its new tokens
 
     # ------------------------------------------------------------------ user API
     def reset(self, rows: int | list[int] | None = None) -> None:
@@ -73,14 +73,21 @@ class MemoryHandle:
             self.reset()
 
     @contextlib.contextmanager
-    def frozen(self) -> Iterator["MemoryHandle"]:
-        """Read memory without writing to it, e.g. around `generate()`, whose KV cache already
-        holds the prompt (writing it would let the model see those tokens twice)."""
-        previous, self.writing = self.writing, False
+    def writing(self, first: int) -> Iterator["MemoryHandle"]:
+        """Within the block, each memory layer writes only the `first` new tokens of each call:
+        the tokens that leave the local context (the delayed write; `knnmem.stream` computes it)."""
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise ValueError(f"first must be a non-negative integer, got {first!r}")
+        previous, self.write_first = self.write_first, first
         try:
             yield self
         finally:
-            self.writing = previous
+            self.write_first = previous
+
+    def frozen(self) -> contextlib.AbstractContextManager["MemoryHandle"]:
+        """Read memory without writing to it, e.g. around `generate()`, whose KV cache already
+        holds the prompt (writing it would let the model see those tokens twice)."""
+        return self.writing(first=0)
 
     def stats(self) -> dict:
         return {
@@ -113,7 +120,7 @@ class MemoryHandle:
     def _memory(self, layer: int, batch: int, heads: int, head_dim: int, device: torch.device) -> KNNMemory:
         self.memories[layer] = memory_for_batch(
             self.memories.get(layer), batch, "reset() on the memory handle", heads=heads, head_dim=head_dim,
-            max_memories=self.max_memories, backend=self.memory_backend,
+            max_memories=self.max_memories, backend=self.memory_backend, pinned=self.pinned,
             normalize=self.logits == "normalized", device=device)
         return self.memories[layer]
 
@@ -140,8 +147,9 @@ class MemoryHandle:
             getattr(module, _GATE), scale=scaling, memory_scale=getattr(module, _SCALE),
             mode=self.mode, logits=self.logits, attention_mask=attention_mask, memory_q=memory_q,
         )
-        if self.writing:
-            memory.add(store_k.detach(), new_v.detach(), mask=real)
+        n = T if self.write_first is None else min(self.write_first, T)
+        if n:
+            memory.add(store_k[:, :, :n].detach(), new_v[:, :, :n].detach(), mask=real[:, :n])
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -176,6 +184,7 @@ def patch(
     distance: int = 512,
     memory_backend: str = "auto",
     gate_init: float = 0.0,
+    pinned: int = 0,
 ) -> MemoryHandle:
     """Turn attention layers of a transformers causal LM (GPT-2, GPT-NeoX/Pythia, Llama family)
     into kNN memory layers. Returns the `MemoryHandle` (also at `model.knnmem`).
@@ -191,6 +200,7 @@ def patch(
             (`knnmem.positions`). distance: the distance of the "constant" policy.
         memory_backend: search backend of the stores ("auto", "exact", "ivf", ...).
         gate_init: initial gate logit of mode="gate" (0 = sigmoid 0.5, as in the paper's code).
+        pinned: the first `pinned` tokens of each document stay in memory when it overflows.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -213,7 +223,7 @@ def patch(
         raise ValueError(f"layers must be in [0, {n_layers}), got {bad}")
     rotary = getattr(model.base_model, "rotary_emb", None)
     placement = RotaryPlacement(rotary, position, distance) if rotary is not None else None
-    handle = MemoryHandle(model, layers, topk, max_memories, mode, logits, placement, memory_backend,
+    handle = MemoryHandle(model, layers, topk, max_memories, mode, logits, placement, memory_backend, pinned,
                           model.config._attn_implementation)
     config = model.config
     heads = config.num_attention_heads

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import knnmem
 from knnmem.eval import corpus
 from knnmem.eval.run import main as eval_main
-from knnmem.eval.scoring import KINDS, score_document, segment_bounds
+from knnmem.eval.scoring import KINDS, score_document, uses_memory
+from knnmem.stream import windows
 
 
 def tiny_llama(vocab: int = 300) -> LlamaForCausalLM:
@@ -24,13 +25,26 @@ def tiny_llama(vocab: int = 300) -> LlamaForCausalLM:
 def test_every_configuration_scores_tokens_1_to_n_once():
     model = tiny_llama()
     ids = torch.randint(300, (53,))
-    assert [b - a for a, b in segment_bounds(53, 16)] == [16, 16, 16, 5]
+    assert [w.b - w.a for w in windows(53, 16, 0)] == [16, 16, 16, 5]
     lengths = {}
     for kind in KINDS:
-        if kind == "memory":
+        if uses_memory(kind):
             knnmem.patch(model, topk=4)
         lengths[kind] = score_document(model, ids, kind, segment=16, window=32).numel()
+        if uses_memory(kind):
+            knnmem.unpatch(model)
     assert set(lengths.values()) == {52}
+
+
+def test_xl_memory_with_a_memory_too_small_to_retrieve_equals_xl():
+    """xl+memory reads with xl's local context; memory only adds what has left it."""
+    model = tiny_llama()
+    ids = torch.randint(300, (53,))
+    xl = score_document(model, ids, "xl", segment=16)
+    knnmem.patch(model, topk=4)
+    with_memory = score_document(model, ids, "xl+memory", segment=16)
+    torch.testing.assert_close(with_memory[:32], xl[:32], atol=1e-5, rtol=1e-5)  # memory empty: fp32 sums
+    assert not torch.allclose(with_memory[32:], xl[32:])  # segment 2 retrieves segment 0
 
 
 def test_none_reproduces_the_models_own_loss_on_the_same_segments():
@@ -39,7 +53,8 @@ def test_none_reproduces_the_models_own_loss_on_the_same_segments():
     nll = score_document(model, ids, "none", segment=16)
     expected = []
     with torch.no_grad():
-        for a, b in segment_bounds(53, 16):
+        for w in windows(53, 16, 0):
+            a, b = w.a, w.b
             segment = ids[None, a:b]
             out = model(segment, labels=segment)  # transformers' own shifted loss inside the segment
             expected.append(out.loss.double() * (b - a - 1))
@@ -87,8 +102,9 @@ def tiny_model_dir(tmp_path_factory):
     return str(directory), str(docs)
 
 
-EVAL_ARGS = ["--split", "all", "--max-docs", "4", "--max-tokens", "96", "--segment", "32", "--window", "64",
-             "--memory", "256", "--memory-sweep", "32", "--topk", "4"]
+EVAL_ARGS = ["--max-docs", "4", "--max-tokens", "96", "--segment", "32", "--window", "64",
+             "--configs", "none", "xl", "long", "memory", "xl+memory",
+             "--memory", "256", "--memory-sweep", "32", "--topk", "4", "--pinned", "2"]
 
 
 def test_eval_cli_end_to_end(tiny_model_dir, tmp_path):
@@ -96,7 +112,7 @@ def test_eval_cli_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "eval.json"
     result = eval_main(["--model", model_dir, "--data", docs, "--json", str(out), *EVAL_ARGS])
     saved = json.loads(out.read_text())
-    assert set(saved["configs"]) == {"none", "xl", "long", "memory", "memory@32"}
+    assert set(saved["configs"]) == {"none", "xl", "long", "memory", "memory@32", "xl+memory", "xl+memory@32"}
     for c in saved["configs"].values():
         assert c["tokens"] == 4 * 95 and c["ppl"] > 1 and c["tokens_per_s"] > 0
     assert (tmp_path / "eval.png").stat().st_size > 0
@@ -117,3 +133,62 @@ def test_torchrun_two_processes_gather_the_same_totals(tiny_model_dir, tmp_path)
     for name, c in single["configs"].items():
         assert two["configs"][name]["tokens"] == c["tokens"]
         assert two["configs"][name]["ppl"] == pytest.approx(c["ppl"], rel=1e-6)  # fp64 sums, other order
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--segment", "0"], "--segment must be a positive integer"),
+    (["--max-tokens", "-1"], "--max-tokens must be a positive integer"),
+    (["--max-tokens", "40", "--segment", "32"], "at least two segments"),
+    (["--topk", "0"], "--topk must be a positive integer"),
+    (["--memory", "0"], "--memory must be a positive integer"),
+    (["--memory-sweep", "0"], "sizes must be positive"),
+    (["--pinned", "300"], "--pinned must be in"),
+    (["--layers", "1-0"], "is empty"),
+    (["--layers", "a-b"], "--layers must be"),
+    (["--layers", "0,7"], "this model has layers 0..1"),
+    (["--memory-backend", "bogus"], "invalid choice"),
+    (["--json", "/proc/knnmem/eval.json"], "cannot write results"),
+])
+def test_eval_cli_rejects_bad_options_before_running(tiny_model_dir, tmp_path, options, message, capsys):
+    model_dir, docs = tiny_model_dir
+    argv = ["--model", model_dir, "--data", docs, "--json", str(tmp_path / "e.json"), *EVAL_ARGS, *options]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_eval_cli_model_folder_and_data_errors(tmp_path, tiny_model_dir, capsys):
+    _, docs = tiny_model_dir
+    with pytest.raises(SystemExit):
+        eval_main(["--model", str(tmp_path), "--data", docs, "--json", str(tmp_path / "e.json")])
+    assert "--model" in capsys.readouterr().err
+
+
+def test_named_data_files_are_all_evaluated(tiny_model_dir, tmp_path):
+    """Files a user names are evaluated unless a split is asked for (none vanish into a train split)."""
+    model_dir, docs = tiny_model_dir
+    result = eval_main(["--model", model_dir, "--data", docs, "--json", str(tmp_path / "e.json"),
+                        *EVAL_ARGS, "--configs", "none"])
+    assert len(result["documents"]) == 4
+    assert all(not os.path.isabs(d["name"]) for d in result["documents"])
+
+
+def test_passkey_harness_scores_an_oracle_perfectly_and_a_memoryless_tiny_model_at_chance(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from knnmem.eval.passkey import evaluate, model_answerer
+
+    model_dir, _ = tiny_model_dir
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def oracle(ids):  # reads the key from the prompt (its only digits), as a perfect long-context model would
+        return "".join(c for c in tokenizer.decode(ids) if c.isdigit())[:5]
+
+    table = evaluate(oracle, tokenizer, lengths=[200, 400], depths=[0.0, 0.5, 1.0], trials=3)
+    assert all(acc == 1.0 for row in table.values() for acc in row.values())
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    for config in ("local", "memory"):
+        answer = model_answerer(model, tokenizer, config, segment=64, max_memories=512, topk=4)
+        table = evaluate(answer, tokenizer, lengths=[300], depths=[0.2, 0.8], trials=2)
+        assert all(acc == 0.0 for row in table.values() for acc in row.values())  # 1e-5 chance per key

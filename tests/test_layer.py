@@ -42,8 +42,9 @@ def test_closed_gate_ignores_memory_and_xl_cache_extends_the_window():
         layer.gate.fill_(-math.inf)
     x1, x2 = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
     layer(x1)
-    assert len(layer.memory) == 2 * 6
+    assert len(layer.memory) == 0  # x1 is local context (the XL cache), not memory yet
     torch.testing.assert_close(layer(x2), _plain_attention(layer, x2, prev=x1), atol=1e-6, rtol=1e-5)
+    assert len(layer.memory) == 2 * 6  # x1 left the cache: now it is in memory
 
 
 @pytest.mark.parametrize("mode", ["gate", "joint"])

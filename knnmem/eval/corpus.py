@@ -55,6 +55,15 @@ def split(paths: list[str], fraction: float = 0.5) -> tuple[list[str], list[str]
     return [p for p in paths if p not in validation], validation
 
 
+def display_name(path: str) -> str:
+    """How a document is named in results: relative to the standard library, or its file name
+    (never an absolute path of this machine)."""
+    root = stdlib_directory()
+    if os.path.abspath(path).startswith(root + os.sep):
+        return os.path.relpath(path, root)
+    return os.path.basename(path)
+
+
 def read_text(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()

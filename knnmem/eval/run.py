@@ -1,7 +1,8 @@
 """`knnmem eval`: long-document perplexity with and without memory, on the same tokens.
 
     knnmem eval                                   # bundled SmolLM2-135M, stdlib corpus, defaults
-    knnmem eval --data 'docs/**/*.txt' --max-docs 8 --configs none memory
+    knnmem eval --data 'docs/**/*.txt' --max-docs 8 --configs none xl+memory
+    knnmem eval --configs none xl+memory --memory-sweep 512 1024 2048 4096
     torchrun --nproc-per-node 2 -m knnmem.eval    # documents split across processes
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import time
 
 import torch
@@ -17,23 +19,29 @@ from tqdm import tqdm
 
 from ..patch import patch, unpatch
 from ..positions import POLICIES
+from ..search import BACKENDS
+from ..stream import windows
 from . import corpus
 from .model import load_model
 from .report import print_table, save_plot, write_json
-from .scoring import KINDS, score_document, segment_bounds
+from .scoring import KINDS, local_context, score_document, uses_memory
+
+DEFAULT_CONFIGS = ["none", "xl", "long", "xl+memory"]
+LONG_DOCUMENT = 16384  # default corpus: documents shorter than this (or --max-tokens) are skipped
 
 
-def parse_layers(text: str, n_layers: int) -> list[int] | None:
-    """"all", or a comma list of indices and ranges: "22", "15-29", "0,10-12"."""
+def parse_layers(text: str) -> list[int] | None:
+    """"all", or a comma list of indices and ascending ranges: "22", "15-29", "0,10-12"."""
     if text == "all":
         return None
     layers: list[int] = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
+        if not lo.isdigit() or not (hi.isdigit() or hi == ""):
+            raise ValueError(f'--layers must be "all" or indices and ranges such as "22", "15-29", "0,10-12"; got {text!r}')
+        if hi and int(hi) < int(lo):
+            raise ValueError(f"--layers range {part!r} is empty (write the lower index first)")
         layers += list(range(int(lo), int(hi or lo) + 1))
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise SystemExit(f"--layers: {bad} not in [0, {n_layers})")
     return layers
 
 
@@ -42,21 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+", help="files, directories or globs (default: largest stdlib .py files)")
-    p.add_argument("--split", choices=["validation", "train", "all"], default="validation",
-                   help="documents of the reproducible by-document split to evaluate (default: validation)")
-    p.add_argument("--max-docs", type=int, default=3, help="documents to evaluate (largest first)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens read from each document")
+    p.add_argument("--split", choices=["validation", "train", "all"], default=None,
+                   help="documents of the reproducible by-document split to evaluate (default: validation "
+                        "for the default corpus, all for --data)")
+    p.add_argument("--max-docs", type=int, default=2, help="documents to evaluate (largest first)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens read from each document")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="skip documents shorter than this (default corpus: 16384 or --max-tokens if smaller; "
+                        "--data: two segments)")
     p.add_argument("--segment", type=int, default=512, help="tokens per segment")
-    p.add_argument("--configs", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--configs", nargs="+", choices=KINDS, default=DEFAULT_CONFIGS)
     p.add_argument("--memory", type=int, default=65536, help="memory size (tokens per layer and head)")
-    p.add_argument("--memory-sweep", type=int, nargs="*", default=[512, 1024, 2048],
-                   help="also run `memory` at these sizes (configs memory@N) for the plot by memory size")
+    p.add_argument("--memory-sweep", type=int, nargs="*", default=[],
+                   help="also run each memory config at these sizes (configs NAME@N), for the plot by size")
+    p.add_argument("--pinned", type=int, default=0,
+                   help="first tokens of each document kept in memory when it overflows")
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
     p.add_argument("--mode", choices=["joint", "gate"], default="joint")
     p.add_argument("--position", choices=POLICIES, default="constant")
     p.add_argument("--distance", type=int, default=512, help="distance of --position constant")
-    p.add_argument("--memory-backend", default="auto")
+    p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")
     p.add_argument("--window", type=int, default=2048, help="context window of the `long` configuration")
     p.add_argument("--json", default="eval_results/eval.json", help="where to write the results")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --json)")
@@ -64,53 +78,107 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_writable(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory):
+        pass
+
+
+def validate(parser: argparse.ArgumentParser, args) -> None:
+    """Every option checked before anything slow starts; errors exit with the option's name."""
+    positive = {"--max-docs": args.max_docs, "--max-tokens": args.max_tokens, "--segment": args.segment,
+                "--memory": args.memory, "--topk": args.topk, "--window": args.window}
+    for name, value in positive.items():
+        if value <= 0:
+            parser.error(f"{name} must be a positive integer, got {value}")
+    if args.max_tokens < 2 * args.segment:
+        parser.error(f"--max-tokens ({args.max_tokens}) must hold at least two segments of --segment {args.segment}")
+    if args.min_tokens is not None and args.min_tokens < 2:
+        parser.error(f"--min-tokens must be at least 2, got {args.min_tokens}")
+    if args.window < args.segment:
+        parser.error(f"--window ({args.window}) must be at least --segment ({args.segment})")
+    if args.distance < 0:
+        parser.error(f"--distance must be >= 0, got {args.distance}")
+    for size in [args.memory, *args.memory_sweep]:
+        if size <= 0:
+            parser.error(f"--memory and --memory-sweep sizes must be positive, got {size}")
+        if not 0 <= args.pinned < size:
+            parser.error(f"--pinned must be in [0, memory size {size}), got {args.pinned}")
+    try:
+        args.layer_list = parse_layers(args.layers)
+    except ValueError as err:
+        parser.error(str(err))
+    for path in (args.json, args.plot or os.path.splitext(args.json)[0] + ".png"):
+        try:
+            _check_writable(path)
+        except OSError as err:
+            parser.error(f"cannot write results to {path!r}: {err}")
+    if args.split is None:
+        args.split = "all" if args.data else "validation"
+
+
 def select_documents(args, tokenizer) -> list[tuple[str, torch.Tensor]]:
     paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
     if args.split != "all":
         train, validation = corpus.split(paths)
         paths = validation if args.split == "validation" else train
-    documents = []
+    min_tokens = args.min_tokens or (2 * args.segment if args.data else min(args.max_tokens, LONG_DOCUMENT))
+    documents, short = [], []
     for path in paths:
-        ids = tokenizer(corpus.read_text(path), add_special_tokens=False).input_ids[: args.max_tokens]
-        if len(ids) >= 2 * args.segment:  # at least one earlier segment to remember
-            documents.append((path, torch.tensor(ids)))
+        ids = tokenizer(corpus.read_text(path), add_special_tokens=False).input_ids
+        if len(ids) >= min_tokens:
+            documents.append((path, torch.tensor(ids[: args.max_tokens])))
+        else:
+            short.append(f"{os.path.basename(path)} ({len(ids)})")
         if len(documents) == args.max_docs:
             break
     if not documents:
-        raise SystemExit(f"no document of at least {2 * args.segment} tokens in the {args.split} split")
+        raise SystemExit(f"knnmem eval: no document of the {args.split} split has at least {min_tokens} tokens "
+                         f"(tokens per document: {', '.join(short[:10]) or 'no documents'})")
     return documents
 
 
 def configurations(args) -> list[tuple[str, str, int | None]]:
     """(name, kind, memory size) for every configuration to run."""
-    configs = [(kind, kind, args.memory if kind == "memory" else None) for kind in args.configs]
-    if "memory" in args.configs:
-        configs += [(f"memory@{n}", "memory", n) for n in args.memory_sweep if n != args.memory]
+    configs = []
+    for kind in args.configs:
+        configs.append((kind, kind, args.memory if uses_memory(kind) else None))
+        if uses_memory(kind):
+            configs += [(f"{kind}@{n}", kind, n) for n in args.memory_sweep if n != args.memory]
     return configs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model, tokenizer, description = load_model(args.model, device=args.device)
-    layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    try:
+        model, tokenizer, description = load_model(args.model, device=args.device)
+    except (OSError, ValueError) as err:
+        parser.error(f"--model: {err}")
+    n_layers = model.config.num_hidden_layers
+    if args.layer_list is not None and not all(0 <= i < n_layers for i in args.layer_list):
+        parser.error(f"--layers {args.layers!r}: this model has layers 0..{n_layers - 1}")
     documents = select_documents(args, tokenizer)
     mine = documents[rank::world]
     configs = configurations(args)
     n_positions = math.ceil(args.max_tokens / args.segment)
-    segments = sum(len(segment_bounds(ids.numel(), args.segment)) for _, ids in mine)
+    segments = sum(len(windows(ids.numel(), args.segment, 0)) for _, ids in mine)
     bar = tqdm(total=segments * len(configs), desc="eval", unit="seg", disable=rank != 0)
     totals = {}
     for name, kind, size in configs:
         bar.set_description(name)
         handle = None
-        if kind == "memory":
-            handle = patch(model, layers=layers, topk=args.topk, max_memories=size, mode=args.mode,
-                           position=args.position, distance=args.distance, memory_backend=args.memory_backend)
+        if uses_memory(kind):
+            handle = patch(model, layers=args.layer_list, topk=args.topk, max_memories=size, mode=args.mode,
+                           position=args.position, distance=args.distance, memory_backend=args.memory_backend,
+                           pinned=args.pinned)
         # nll sum, tokens, per-segment-index nll sums and token counts (for the plot), seconds
         sums = torch.zeros(2 + 2 * n_positions, dtype=torch.float64)
         start = time.perf_counter()
@@ -133,16 +201,17 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
     result = {
         "model": description,
-        "documents": [{"path": path, "tokens": ids.numel()} for path, ids in documents],
+        "documents": [{"name": corpus.display_name(path), "tokens": ids.numel()} for path, ids in documents],
         "world_size": world,
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "layer_list"},
         "configs": {},
     }
     for name, (kind, size, sums, seconds) in totals.items():
         nll, tokens = sums[0].item(), int(sums[1].item())
         counts = sums[2 + n_positions:]
         result["configs"][name] = {
-            "kind": kind, "memory": size, "ppl": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens,
+            "kind": kind, "memory": size, "local_context": local_context(kind, args.segment, args.window),
+            "ppl": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds,
             "ppl_by_segment": [math.exp(s / c) for s, c in zip(sums[2:2 + n_positions].tolist(), counts.tolist()) if c],
         }
