@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_dim, check_floating, check_tensor
-from .memory import flat_rows, gather_rows
+from .memory import check_indices, flat_rows, gather_rows
 
 MODES = ("gate", "joint")
 LOGITS = ("normalized", "raw")
@@ -225,6 +225,7 @@ def _validate(q, k, v, memory_keys, memory_values, indices, gate, memory_scale, 
         raise ValueError(f"indices must have shape (B={B}, Hq={Hq}, T={T}, k), got {tuple(indices.shape)}")
     if indices.device != q.device:
         raise TypeError(f"indices must be on q's device {q.device}, got {indices.device}")
+    check_indices(indices, memory_keys.shape[2])
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if logits not in LOGITS:

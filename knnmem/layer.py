@@ -6,7 +6,7 @@ from torch import nn
 
 from ._checks import check_positive_int, check_tensor
 from .functional import LOGITS, MODES, knn_attention
-from .memory import KNNMemory, memory_for_batch
+from .memory import KNNMemory, check_memory_options, memory_for_batch
 
 
 class KNNAttention(nn.Module):
@@ -64,6 +64,7 @@ class KNNAttention(nn.Module):
             raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
         self.topk = check_positive_int("topk", topk)
         self.max_memories = check_positive_int("max_memories", max_memories)
+        check_memory_options(max_memories, memory_backend, pinned)
         self.mode, self.logits, self.xl_cache, self.memory_backend = mode, logits, xl_cache, memory_backend
         self.pinned = pinned
         self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=bias)
@@ -73,12 +74,14 @@ class KNNAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(heads))  # sigmoid(0) = 0.5, as in the paper's code
         # Unit-norm q.k lies in [-1, 1]; sqrt(D) puts it on the scale of q.k / sqrt(D) at init.
         self.memory_scale = nn.Parameter(torch.full((heads,), self.head_dim**0.5))
-        self.memory = memory
+        if memory is not None and not isinstance(memory, KNNMemory):
+            raise TypeError(f"memory must be a KNNMemory or None, got {type(memory).__name__}")
+        self.memory, self._owns_memory = memory, memory is None
         self._xl: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # k, v, valid (B, S)
 
     def _memory_for(self, x: torch.Tensor) -> KNNMemory:
         self.memory = memory_for_batch(
-            self.memory, x.shape[0], "reset_memory()", heads=self.kv_heads, head_dim=self.head_dim,
+            self.memory, x.shape[0], "reset_memory()", owned=self._owns_memory, heads=self.kv_heads, head_dim=self.head_dim,
             max_memories=self.max_memories, backend=self.memory_backend, pinned=self.pinned,
             normalize=self.logits == "normalized", device=x.device)
         expected = (self.kv_heads, self.head_dim, self.logits == "normalized")

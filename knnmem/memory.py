@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ._checks import check_dim, check_finite, check_floating, check_positive_int, check_tensor
 from .search import BACKENDS, auto_backend, make_backend
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 class KNNMemory:
@@ -60,10 +62,8 @@ class KNNMemory:
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.heads = check_positive_int("heads", heads)
         self.head_dim = check_positive_int("head_dim", head_dim)
-        self.max_memories = check_positive_int("max_memories", max_memories)
-        if isinstance(pinned, bool) or not isinstance(pinned, int) or not 0 <= pinned < max_memories:
-            raise ValueError(f"pinned must be an integer in [0, max_memories={max_memories}), got {pinned!r}")
-        self.pinned = pinned
+        check_memory_options(max_memories, backend, pinned)
+        self.max_memories, self.pinned = max_memories, pinned
         device = torch.device(device if device is not None else "cpu")
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -76,8 +76,6 @@ class KNNMemory:
         # Tokens ever written per row since its last clear (on CPU: it drives Python control flow).
         self.written = torch.zeros(batch_size, dtype=torch.long)
         name = auto_backend(device, max_memories) if backend == "auto" else backend
-        if name not in BACKENDS:
-            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         self._backend_options = dict(backend_options or {})
         self._search = make_backend(name, self, **self._backend_options)
 
@@ -143,6 +141,10 @@ class KNNMemory:
             keys = F.normalize(keys.float(), dim=-1)
         keys = keys.to(self.device, self.dtype)
         values = values.to(self.device, self.dtype)
+        for name, x in (("keys", keys), ("values", values)):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} hold finite values beyond the range of the store's dtype {self.dtype}: "
+                                 "scale them down or use a float32 store (dtype=torch.float32)")
         M, P = self.max_memories, self.pinned
         for row in range(self.batch_size):
             tokens = torch.arange(T) if mask is None else mask[row].nonzero().flatten().cpu()
@@ -162,18 +164,14 @@ class KNNMemory:
             self._search.on_write(row, slots, overwrote)
 
     def clear(self, rows: int | list[int] | torch.Tensor | None = None) -> None:
-        """Empty all rows, or the given batch rows (a new document starts in each)."""
-        if rows is None:
-            rows = range(self.batch_size)
-        elif isinstance(rows, int):
-            rows = [rows]
-        elif isinstance(rows, torch.Tensor):
-            rows = rows.flatten().tolist() if rows.dtype != torch.bool else rows.nonzero().flatten().tolist()
-        for row in rows:
-            if not 0 <= int(row) < self.batch_size:
-                raise ValueError(f"rows must be in [0, {self.batch_size}), got {row}")
-            self.written[int(row)] = 0
-            self._search.on_clear(int(row))
+        """Empty all rows, or the given batch rows (a new document starts in each).
+
+        rows: None (all), an int, a list/tuple of ints, a 1-D integer tensor, or a (B,) bool mask.
+        Every row is checked before any is cleared.
+        """
+        for row in parse_rows(rows, self.batch_size):
+            self.written[row] = 0
+            self._search.on_clear(row)
 
     # ------------------------------------------------------------------ reading
     def _check_queries(self, queries: torch.Tensor) -> int:
@@ -210,6 +208,7 @@ class KNNMemory:
         Empty slots (-1) read as zeros. Attention code that can read rows by index (the Triton
         kernel) uses `keys`/`values` directly instead of this copy.
         """
+        check_indices(indices, self.max_memories)
         group = indices.shape[1] // self.heads
         return gather_rows(self.keys, indices, group), gather_rows(self.values, indices, group)
 
@@ -230,12 +229,13 @@ class KNNMemory:
         }
         tensors = {"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu(),
                    "written": self.written.clone(), **self._search.state_tensors()}
-        save_file(tensors, os.fspath(path), metadata={"knnmem": json.dumps(meta)})
+        atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata={"knnmem": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None,
              backend: str | None = None) -> "KNNMemory":
-        """Read a file written by `save`. Raises ValueError if it is truncated or inconsistent."""
+        """Read a file written by `save`. The file is data: every field is validated before anything
+        is built, and any inconsistency raises ValueError naming the file and the field."""
         path = os.fspath(path)
         try:
             with safe_open(path, framework="pt") as f:
@@ -245,38 +245,142 @@ class KNNMemory:
             raise ValueError(f"{path} is not a readable knnmem memory file: {err}") from err
         if raw_meta is None:
             raise ValueError(f"{path} has no knnmem metadata: not written by KNNMemory.save")
-        meta = json.loads(raw_meta)
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported format_version {meta.get('format_version')}")
-        shape = (meta["batch_size"], meta["heads"], meta["max_memories"], meta["head_dim"])
-        for name, expected in (("keys", shape), ("values", shape), ("written", (meta["batch_size"],))):
-            if name not in tensors or tuple(tensors[name].shape) != expected:
-                got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise ValueError(f"{path}: tensor {name!r} should have shape {expected}, got {got}")
-        memory = cls(
-            meta["batch_size"], meta["heads"], meta["head_dim"], meta["max_memories"],
-            backend=backend or meta["backend"], pinned=meta.get("pinned", 0), normalize=meta["normalize"], device=device,
-            dtype=getattr(torch, meta["dtype"]), backend_options=meta["backend_options"],
-        )
-        memory.keys.copy_(tensors["keys"])
-        memory.values.copy_(tensors["values"])
-        memory.written.copy_(tensors["written"])
-        if backend in (None, meta["backend"]):
-            memory._search.load_state(tensors)
-        else:  # another backend was asked for: build its indexes from the buffer, in slot order
-            for row in range(memory.batch_size):
-                count = int(memory.counts[row])
-                if count:
-                    memory._search.on_write(row, torch.arange(count), overwrote=False)
+        try:
+            meta = _validated_metadata(raw_meta, tensors)
+            memory = cls(
+                meta["batch_size"], meta["heads"], meta["head_dim"], meta["max_memories"],
+                backend=backend or meta["backend"], pinned=meta["pinned"], normalize=meta["normalize"],
+                device=device, dtype=getattr(torch, meta["dtype"]), backend_options=meta["backend_options"])
+            memory.keys.copy_(tensors["keys"])
+            memory.values.copy_(tensors["values"])
+            memory.written.copy_(tensors["written"])
+            if backend in (None, meta["backend"]):
+                memory._search.load_state(tensors)
+            else:  # another backend was asked for: build its indexes from the buffer, in slot order
+                for row in range(memory.batch_size):
+                    count = int(memory.counts[row])
+                    if count:
+                        memory._search.on_write(row, torch.arange(count), overwrote=False)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
         return memory
 
 
-def memory_for_batch(memory: KNNMemory | None, batch_size: int, reset_hint: str, **options) -> KNNMemory:
+_DTYPES = ("float16", "bfloat16", "float32")
+_MAX_WRITTEN = 1 << 53  # tokens ever written to a row: far beyond any real stream, safe in float64
+
+
+def _validated_metadata(raw: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """Parse and check a memory file's metadata against its tensors (see `KNNMemory.load`)."""
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError("metadata must be a JSON object")
+    if meta.get("format_version") == 1:  # written before pinned slots existed
+        meta.setdefault("pinned", 0)
+    elif meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"unsupported format_version {meta.get('format_version')!r} (expected {_FORMAT_VERSION})")
+    fields = {"batch_size": int, "heads": int, "head_dim": int, "max_memories": int, "pinned": int,
+              "normalize": bool, "backend": str, "backend_options": dict, "dtype": str}
+    for name, kind in fields.items():
+        value = meta.get(name)
+        if value is None or isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ValueError(f"metadata field {name!r} must be a {kind.__name__}, got {value!r}")
+    for name in ("batch_size", "heads", "head_dim", "max_memories"):
+        if meta[name] <= 0:
+            raise ValueError(f"metadata field {name!r} must be positive, got {meta[name]}")
+    if meta["dtype"] not in _DTYPES:
+        raise ValueError(f"metadata field 'dtype' must be one of {_DTYPES}, got {meta['dtype']!r}")
+    if meta["backend"] not in BACKENDS:
+        raise ValueError(f"metadata field 'backend' must be one of {BACKENDS}, got {meta['backend']!r}")
+    B, M = meta["batch_size"], meta["max_memories"]
+    shape = (B, meta["heads"], M, meta["head_dim"])
+    for name, expected, dtype in (("keys", shape, meta["dtype"]), ("values", shape, meta["dtype"]),
+                                  ("written", (B,), "int64")):
+        x = tensors.get(name)
+        if x is None or tuple(x.shape) != expected or str(x.dtype) != f"torch.{dtype}":
+            got = "missing" if x is None else f"{tuple(x.shape)} {x.dtype}"
+            raise ValueError(f"tensor {name!r} must be {expected} {dtype}, got {got}")
+    if not bool(torch.isfinite(tensors["keys"]).all() and torch.isfinite(tensors["values"]).all()):
+        raise ValueError("tensors 'keys'/'values' contain NaN or inf")
+    written = tensors["written"]
+    if bool((written < 0).any() or (written >= _MAX_WRITTEN).any()):
+        raise ValueError(f"tensor 'written' must hold token counts in [0, 2**53), got {written.tolist()}")
+    return meta
+
+
+def check_memory_options(max_memories: object, backend: object, pinned: object) -> None:
+    """Checks of the options a layer or a patch passes to the stores it creates on first use,
+    so that a bad value fails at construction, not at the first forward."""
+    check_positive_int("max_memories", max_memories)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if isinstance(pinned, bool) or not isinstance(pinned, int) or not 0 <= pinned < max_memories:
+        raise ValueError(f"pinned must be an integer in [0, max_memories={max_memories}), got {pinned!r}")
+
+
+def parse_rows(rows: object, batch_size: int) -> list[int]:
+    """Batch rows named by None (all), an int, a list/tuple of ints, a 1-D integer tensor or a (B,)
+    bool mask -> sorted unique ints, all checked to be in [0, batch_size) (bools and floats are not
+    row numbers)."""
+    if rows is None:
+        return list(range(batch_size))
+    if isinstance(rows, torch.Tensor):
+        if rows.dtype == torch.bool:
+            if tuple(rows.shape) != (batch_size,):
+                raise ValueError(f"rows as a bool mask must have shape (B={batch_size},), got {tuple(rows.shape)}")
+            return rows.nonzero().flatten().tolist()
+        if rows.is_floating_point() or rows.is_complex() or rows.ndim > 1:
+            raise TypeError(f"rows must be a 1-D integer tensor or a (B,) bool mask, got {rows.dtype} {tuple(rows.shape)}")
+        rows = rows.flatten().tolist()
+    elif isinstance(rows, int) and not isinstance(rows, bool):
+        rows = [rows]
+    elif not isinstance(rows, (list, tuple)):
+        raise TypeError(f"rows must be None, an int, a list of ints or a tensor, got {type(rows).__name__}")
+    bad = [r for r in rows if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < batch_size]
+    if bad:
+        raise ValueError(f"rows must be integers in [0, {batch_size}), got {bad}")
+    return sorted(set(rows))
+
+
+def check_indices(indices: torch.Tensor, max_memories: int) -> None:
+    """Raise unless every index is a slot in [0, max_memories) or -1 (empty): an index past the
+    end would silently read another row's or head's memory."""
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.aminmax(indices)
+    if int(lo) < -1 or int(hi) >= max_memories:
+        raise ValueError(f"indices must be slots in [0, M={max_memories}) or -1 (empty), "
+                         f"got values in [{int(lo)}, {int(hi)}]")
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a crash or a
+    full disk leaves the old file, never a half-written one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def memory_for_batch(memory: KNNMemory | None, batch_size: int, reset_hint: str, owned: bool = True,
+                     **options) -> KNNMemory:
     """The memory to use for a batch of `batch_size` rows: `memory` itself, or a new
-    `KNNMemory(batch_size, **options)` when there is none or when an empty one has another batch
-    size. A non-empty memory of another batch size raises (rows are documents in progress);
-    `reset_hint` names the call that empties it."""
+    `KNNMemory(batch_size, **options)` when there is none or when an empty one that we `owned`
+    has another batch size. A non-empty memory, or a user's own, of another batch size raises
+    (rows are documents in progress); `reset_hint` names the call that empties it."""
     if memory is not None and memory.batch_size != batch_size:
+        if not owned:
+            raise ValueError(f"the memory given has batch_size={memory.batch_size}, but the input has "
+                             f"{batch_size} rows: give a memory with one row per batch row")
         if len(memory):
             raise ValueError(f"batch size changed from {memory.batch_size} to {batch_size} while the memory "
                              f"holds tokens: call {reset_hint} before changing the batch size")

@@ -17,20 +17,33 @@ layer, so `model.generate()` works unchanged.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
+import math
 import os
+import re
+import uuid
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .functional import LOGITS, MODES, knn_attention
-from .memory import KNNMemory, memory_for_batch
+from ._checks import check_positive_int
+from .memory import KNNMemory, atomic_write, check_memory_options, memory_for_batch
 from .positions import POLICIES, RotaryPlacement
 
 ATTENTION_NAME = "knnmem"
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
 _GATE, _SCALE = "knn_gate", "knn_memory_scale"
+_HANDLE_FORMAT = 2
+_LAYER_FILE = re.compile(r"layer_(\d+)\.[0-9a-f]{12}\.safetensors")
+_PATCH_FILE = "knnmem_patch.safetensors"
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -48,8 +61,9 @@ class MemoryHandle:
 
     def __init__(self, model: nn.Module, layers: list[int], topk: int, max_memories: int, mode: str,
                  logits: str, placement: RotaryPlacement | None, memory_backend: str, pinned: int,
-                 previous_attn_implementation: str) -> None:
-        self.model, self.layers = model, layers
+                 previous_attn_implementation: str, kv_heads: int, head_dim: int, settings: dict) -> None:
+        self.model, self.layers, self.kv_heads, self.head_dim = model, layers, kv_heads, head_dim
+        self.settings = settings  # the keyword arguments of `patch` (saved by `save_patch`)
         self.topk, self.max_memories, self.mode, self.logits = topk, max_memories, mode, logits
         self.placement, self.memory_backend, self.pinned = placement, memory_backend, pinned
         self.previous_attn_implementation = previous_attn_implementation
@@ -100,21 +114,55 @@ class MemoryHandle:
         }
 
     def save(self, directory: str | os.PathLike) -> None:
+        """Write every layer's memory into `directory` as one snapshot: layer files named by a fresh
+        snapshot id, then `handle.json` naming them (written atomically, last). An interrupted save
+        leaves the previous snapshot loadable; older snapshots' files are removed after."""
+        directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        for i, memory in self.memories.items():
-            memory.save(os.path.join(directory, f"layer_{i}.safetensors"))
-        with open(os.path.join(directory, "handle.json"), "w") as f:
-            json.dump({"layers": self.layers, "stored": sorted(self.memories)}, f)
+        snapshot = uuid.uuid4().hex[:12]
+        files = {}
+        for i, memory in sorted(self.memories.items()):
+            files[str(i)] = f"layer_{i}.{snapshot}.safetensors"
+            memory.save(os.path.join(directory, files[str(i)]))
+        meta = {"format_version": _HANDLE_FORMAT, "layers": self.layers, "files": files}
+        atomic_write(os.path.join(directory, "handle.json"), lambda tmp: _write_json(tmp, meta))
+        for name in os.listdir(directory):
+            if _LAYER_FILE.fullmatch(name) and name not in files.values():
+                os.remove(os.path.join(directory, name))
 
     def load(self, directory: str | os.PathLike) -> None:
-        with open(os.path.join(directory, "handle.json")) as f:
-            meta = json.load(f)
-        if meta["layers"] != self.layers:
-            raise ValueError(f"{directory} holds memories of layers {meta['layers']}, "
-                             f"this model is patched at {self.layers}")
+        """Read a snapshot written by `save`. Everything is checked (names stay inside `directory`,
+        each memory matches this handle's layers, heads, head_dim, capacity and logits) before
+        the current memories are replaced; any problem raises ValueError."""
+        directory = os.fspath(directory)
+        path = os.path.join(directory, "handle.json")
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a readable knnmem handle file: {err}") from err
+        if not isinstance(meta, dict) or meta.get("format_version") != _HANDLE_FORMAT:
+            raise ValueError(f"{path}: not a knnmem handle file of format {_HANDLE_FORMAT}")
+        if meta.get("layers") != self.layers:
+            raise ValueError(f"{path} holds memories of layers {meta.get('layers')}, this model is patched at {self.layers}")
+        files = meta.get("files")
+        if not isinstance(files, dict):
+            raise ValueError(f"{path}: field 'files' must map layer indices to file names")
         device = next(self.model.parameters()).device
-        self.memories = {i: KNNMemory.load(os.path.join(directory, f"layer_{i}.safetensors"), device=device)
-                         for i in meta["stored"]}
+        memories = {}
+        for layer, name in files.items():
+            match = _LAYER_FILE.fullmatch(name) if isinstance(name, str) else None
+            if match is None or match.group(1) != layer or int(layer) not in self.layers:
+                raise ValueError(f"{path}: entry {layer!r}: {name!r} is not a memory file of a patched layer "
+                                 "(layer_<i>.<snapshot>.safetensors, in this folder)")
+            memory = KNNMemory.load(os.path.join(directory, name), device=device)
+            expected = {"heads": self.kv_heads, "head_dim": self.head_dim, "max_memories": self.max_memories,
+                        "pinned": self.pinned, "normalize": self.logits == "normalized"}
+            for field, value in expected.items():
+                if getattr(memory, field) != value:
+                    raise ValueError(f"{name}: {field}={getattr(memory, field)} does not match this handle's {value}")
+            memories[int(layer)] = memory
+        self.memories = memories
 
     # ------------------------------------------------------------------ the attention step
     def _memory(self, layer: int, batch: int, heads: int, head_dim: int, device: torch.device) -> KNNMemory:
@@ -215,19 +263,30 @@ def patch(
         raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
     if position not in POLICIES:
         raise ValueError(f"position must be one of {POLICIES}, got {position!r}")
+    check_positive_int("topk", topk)
+    check_memory_options(max_memories, memory_backend, pinned)
+    if isinstance(distance, bool) or not isinstance(distance, int) or distance < 0:
+        raise ValueError(f"distance must be a non-negative integer, got {distance!r}")
+    if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) or math.isnan(gate_init):
+        raise ValueError(f"gate_init must be a number (-inf closes the gate), got {gate_init!r}")
     modules = _attention_modules(model)
     n_layers = len(modules)
-    layers = _default_layers(n_layers) if layers is None else sorted(set(int(i) for i in layers))
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"layers must be in [0, {n_layers}), got {bad}")
+    if layers is not None:
+        layers = list(layers)
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers]
+        if bad or not layers:
+            raise ValueError(f"layers must be a non-empty list of layer indices in [0, {n_layers}), got {layers}")
+    layers = _default_layers(n_layers) if layers is None else sorted(set(layers))
     rotary = getattr(model.base_model, "rotary_emb", None)
     placement = RotaryPlacement(rotary, position, distance) if rotary is not None else None
-    handle = MemoryHandle(model, layers, topk, max_memories, mode, logits, placement, memory_backend, pinned,
-                          model.config._attn_implementation)
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(modules[0], "head_dim", config.hidden_size // heads)  # GPT-NeoX has none
+    settings = dict(layers=layers, topk=topk, max_memories=max_memories, mode=mode, logits=logits,
+                    position=position, distance=distance, memory_backend=memory_backend, pinned=pinned)
+    handle = MemoryHandle(model, layers, topk, max_memories, mode, logits, placement, memory_backend, pinned,
+                          model.config._attn_implementation, getattr(config, "num_key_value_heads", None) or heads,
+                          head_dim, settings)
     for module in modules:
         if module.layer_idx in layers:
             param = next(module.parameters())
@@ -258,3 +317,46 @@ def memory_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that patching added (gates and memory scales), e.g. for fine-tuning."""
     return [p for m in _attention_modules(model) for n, p in m.named_parameters(recurse=False)
             if n in (_GATE, _SCALE)]
+
+
+def save_patch(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Save what `patch` added to `model` (its settings, and the gates and memory scales, e.g. after
+    fine-tuning) to `directory`/knnmem_patch.safetensors, beside `model.save_pretrained(directory)`.
+    `load_patch` restores it onto a freshly loaded model."""
+    handle: MemoryHandle | None = getattr(model, "knnmem", None)
+    if handle is None:
+        raise ValueError("this model is not patched by knnmem")
+    tensors = {f"layer.{m.layer_idx}.{name}": getattr(m, name).detach().cpu().contiguous()
+               for m in _attention_modules(model) if m.layer_idx in handle.layers for name in (_GATE, _SCALE)}
+    os.makedirs(directory, exist_ok=True)
+    from safetensors.torch import save_file
+
+    atomic_write(os.path.join(directory, _PATCH_FILE),
+                 lambda tmp: save_file(tensors, tmp, metadata={"knnmem_patch": json.dumps(handle.settings)}))
+
+
+def load_patch(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle:
+    """Patch `model` with the settings saved by `save_patch` and restore its trained gates and
+    memory scales. Returns the handle (memories start empty)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(directory, _PATCH_FILE)
+    try:
+        with safe_open(path, framework="pt") as f:
+            settings = json.loads((f.metadata() or {}).get("knnmem_patch", "null"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable knnmem patch file: {err}") from err
+    allowed = set(inspect.signature(patch).parameters) - {"model", "gate_init"}
+    if not isinstance(settings, dict) or not set(settings) <= allowed:
+        raise ValueError(f"{path}: settings must be keyword arguments of knnmem.patch, got {settings!r}")
+    handle = patch(model, **settings)
+    expected = {f"layer.{m.layer_idx}.{name}": getattr(m, name)
+                for m in _attention_modules(model) if m.layer_idx in handle.layers for name in (_GATE, _SCALE)}
+    if set(tensors) != set(expected) or any(tensors[k].shape != p.shape for k, p in expected.items()):
+        unpatch(model)
+        raise ValueError(f"{path}: parameters {sorted(tensors)} do not match this model's patched layers")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(tensors[name])
+    return handle

@@ -168,11 +168,39 @@ class _PerRowHeadIndexes(SearchBackend):
             for b, row in enumerate(self.indexes) for h, index in enumerate(row) if index is not None
         }
 
+    index_type: type = faiss.Index
+
     def load_state(self, tensors):
+        """Restore saved indexes, each verified against the buffer (a file is untrusted data)."""
+        mem = self.memory
         for name, data in tensors.items():
-            if name.startswith("index."):
-                b, h = map(int, name.split(".")[1:])
-                self.indexes[b][h] = faiss.deserialize_index(data.numpy())
+            if not name.startswith("index."):
+                continue
+            parts = name.split(".")
+            if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+                raise ValueError(f"tensor {name!r} is not named index.<row>.<head>")
+            b, h = int(parts[1]), int(parts[2])
+            if not (b < mem.batch_size and h < mem.heads) or data.dtype != torch.uint8 or data.ndim != 1:
+                raise ValueError(f"tensor {name!r} is not a serialised index of a row < {mem.batch_size} "
+                                 f"and head < {mem.heads}")
+            try:
+                index = faiss.deserialize_index(data.numpy())
+            except RuntimeError as err:
+                raise ValueError(f"tensor {name!r} is not a readable FAISS index ({str(err).splitlines()[0]})") from None
+            count = int(mem.counts[b])
+            if (not isinstance(index, self.index_type) or index.d != mem.head_dim
+                    or index.metric_type != faiss.METRIC_INNER_PRODUCT):
+                raise ValueError(f"tensor {name!r} must be an inner-product {self.index_type.__name__} "
+                                 f"of dimension {mem.head_dim}")
+            ids = self._ids(index)
+            if len(ids) != count or (count and (ids.min() < 0 or ids.max() >= count or len(np.unique(ids)) != count)):
+                raise ValueError(f"tensor {name!r}: its ids must be the row's {count} slots, each once")
+            self.indexes[b][h] = index
+
+    @staticmethod
+    def _ids(index: faiss.Index) -> np.ndarray:
+        """The ids an index holds (for verification on load)."""
+        return np.arange(index.ntotal)
 
     def search(self, queries, k):
         mem = self.memory
@@ -202,12 +230,14 @@ class IVFBackend(_PerRowHeadIndexes):
 
     name = "ivf"
 
+    index_type = faiss.IndexIVFFlat
+
     def __init__(self, memory, nlist: int | None = None, nprobe: int = 8, min_train: int = 2048) -> None:
         super().__init__(memory)
         M = memory.max_memories
-        self.nlist = nlist or max(1, min(4096, M // 128))
-        self.nprobe = nprobe
-        self.min_train = min(min_train, M)
+        self.nlist = _option("nlist", nlist, 1, 65536) if nlist is not None else max(1, min(4096, M // 128))
+        self.nprobe = _option("nprobe", nprobe, 1, 65536)
+        self.min_train = min(_option("min_train", min_train, 1, 1 << 40), M)
         self.trained_at = [0] * memory.batch_size  # the row's count when its index was trained
 
     def _build(self, row: int, h: int) -> faiss.Index:
@@ -243,6 +273,12 @@ class IVFBackend(_PerRowHeadIndexes):
                 index.remove_ids(ids)
             index.add_with_ids(_as_numpy(mem.keys[row, h, slots.to(mem.keys.device)]), ids)
 
+    @staticmethod
+    def _ids(index):
+        lists = index.invlists
+        return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                               for i in range(index.nlist)] or [np.zeros(0, np.int64)])
+
     def load_state(self, tensors):
         super().load_state(tensors)
         for row, indexes in enumerate(self.indexes):
@@ -258,10 +294,12 @@ class HNSWBackend(_PerRowHeadIndexes):
 
     name = "hnsw"
 
+    index_type = faiss.IndexHNSWFlat
+
     def __init__(self, memory, m: int = 16, ef_search: int = 32) -> None:
         super().__init__(memory)
-        self.m = m
-        self.ef_search = ef_search
+        self.m = _option("m", m, 2, 512)
+        self.ef_search = _option("ef_search", ef_search, 1, 65536)
 
     def _new_index(self) -> faiss.Index:
         index = faiss.IndexHNSWFlat(self.memory.head_dim, self.m, faiss.METRIC_INNER_PRODUCT)
@@ -285,10 +323,20 @@ class HNSWBackend(_PerRowHeadIndexes):
         return f"hnsw(M={self.m}, efSearch={self.ef_search})"
 
 
+def _option(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"backend option {name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
 def make_backend(name: str, memory, **options) -> SearchBackend:
     classes = {"exact": ExactBackend, "flat": FlatBackend, "ivf": IVFBackend, "hnsw": HNSWBackend}
     if name not in classes:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    allowed = {"ivf": ("nlist", "nprobe", "min_train"), "hnsw": ("m", "ef_search")}.get(name, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"backend_options {unknown} are not options of the {name!r} backend (it takes {list(allowed)})")
     return classes[name](memory, **options)
 
 

@@ -168,3 +168,13 @@ def test_inference_paths_equal_the_autograd_reference(mode, logits):
     for got, expected in zip(fast, reference):  # fp32, sums in another order
         torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
     assert torch.isneginf(fast[1][1, :, :3]).all()  # local lse of the queries that see nothing
+
+
+@pytest.mark.parametrize("bad", [12, 10**6, -2])
+def test_indices_out_of_range_are_refused_not_read_from_another_row(bad):
+    """Slot M would be row/head b+1's slot 0 in the flat table: an error, never a silent read."""
+    q, k, v, mem_k, mem_v, idx, gate, scale = _inputs(M=12)
+    idx[0, 0, 0, 0] = bad
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"indices must be slots in \[0, M=12\)"):
+            knn_attention(q.requires_grad_(grad), k, v, mem_k, mem_v, idx, gate, memory_scale=scale)

@@ -104,3 +104,17 @@ def test_bad_input_raises():
         layer(torch.randn(3, 5, 32))
     layer.reset_memory()
     assert layer(torch.randn(3, 5, 32)).shape == (3, 5, 32)
+
+
+def test_a_users_memory_of_another_batch_size_is_never_replaced():
+    from knnmem import KNNMemory
+
+    memory = KNNMemory(2, 2, 8, 100)
+    layer = KNNAttention(32, 4, kv_heads=2, memory=memory)
+    with pytest.raises(ValueError, match="memory given has batch_size=2"):
+        layer(torch.randn(3, 5, 32))
+    assert layer.memory is memory
+    for kwargs, message in [(dict(max_memories=0), "max_memories"), (dict(memory_backend="bogus"), "backend"),
+                            (dict(pinned=100), "pinned"), (dict(memory="mem"), "memory must be a KNNMemory")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            KNNAttention(32, 4, **{"max_memories": 100, **kwargs})

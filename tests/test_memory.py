@@ -1,7 +1,11 @@
+import json
 import math
 
 import pytest
 import torch
+
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from knnmem import KNNMemory
 from knnmem.synthetic import clustered_keys
@@ -172,7 +176,7 @@ def test_load_rejects_truncated_and_mismatched_files(tmp_path):
            '"normalize": true, "backend": "exact", "backend_options": {}, "dtype": "float32"}'
     save_file({"keys": memory.keys, "values": memory.values, "written": memory.written},
               str(tmp_path / "bad.safetensors"), metadata={"knnmem": meta})
-    with pytest.raises(ValueError, match="'keys' should have shape"):
+    with pytest.raises(ValueError, match="tensor 'keys' must be"):
         KNNMemory.load(tmp_path / "bad.safetensors")
 
 
@@ -195,7 +199,7 @@ def test_load_rejects_truncated_and_mismatched_files(tmp_path):
         (lambda m: m.search(torch.randn(2, 2, 8), 4), ValueError, "queries must have shape"),
         (lambda m: m.search(torch.randn(2, 2, 4, 8), 0), ValueError, "k must be a positive integer"),
         (lambda m: m.search(torch.randn(2, 2, 4, 8), -3), ValueError, "k must be a positive integer"),
-        (lambda m: m.clear(rows=[5]), ValueError, r"rows must be in \[0, 2\)"),
+        (lambda m: m.clear(rows=[5]), ValueError, r"rows must be integers in \[0, 2\)"),
     ],
 )
 def test_bad_input_raises_clear_errors(call, error, match):
@@ -263,3 +267,128 @@ def test_ivf_trains_early_and_retrains_as_the_row_grows():
     _, truth = exact.search(data[:, :, 8192:], 8)
     recall = (found[..., :, None] == truth[..., None, :]).any(-1).float().mean()
     assert recall > 0.9  # approximate by design; nprobe 8 of 128 lists on 64 clusters
+
+
+# ---------------------------------------------------------------- untrusted input (hardening)
+def _saved(tmp_path, backend="exact", **kwargs):
+    memory = KNNMemory(2, 2, 8, 40, backend=backend, **kwargs)
+    memory.add(torch.randn(2, 2, 50, 8), torch.randn(2, 2, 50, 8))
+    path = tmp_path / "m.safetensors"
+    memory.save(path)
+    return memory, path
+
+
+def _rewrite(path, out, meta_change=None, tensor_change=None):
+    """Copy a memory file with edited metadata (dict -> dict or str) and/or tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["knnmem"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta_change is not None:
+        meta = meta_change(meta)
+    if tensor_change is not None:
+        tensor_change(tensors)
+    save_file(tensors, str(out), metadata={"knnmem": meta if isinstance(meta, str) else json.dumps(meta)})
+    return out
+
+
+def _set(key, value):
+    return lambda m: {**m, key: value}
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: "{not json", "not valid JSON"),
+    (lambda m: {k: v for k, v in m.items() if k != "heads"}, "'heads'"),
+    (_set("dtype", "__class__"), "'dtype'"),
+    (_set("dtype", "int64"), "'dtype'"),
+    (_set("backend", "bogus"), "'backend'"),
+    (_set("normalize", "yes"), "'normalize'"),
+    (_set("batch_size", 0), "'batch_size'"),
+    (_set("max_memories", 10**12), "tensor 'keys'"),
+    (_set("pinned", 40), "pinned"),
+    (_set("backend_options", {"m": 0}), "backend_options"),
+    (lambda m: {**m, "backend": "hnsw", "backend_options": {"m": 0}}, "option m must be"),
+    (lambda m: {**m, "backend": "hnsw", "backend_options": {"m": -1}}, "option m must be"),
+    (lambda m: {**m, "backend": "ivf", "backend_options": {"nlist": 10**9}}, "option nlist must be"),
+    (lambda m: {**m, "backend": "ivf", "backend_options": {"nlist": 1e9}}, "option nlist must be"),
+    (_set("format_version", 99), "format_version"),
+])
+def test_load_validates_every_metadata_field(tmp_path, change, field):
+    _, path = _saved(tmp_path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors", meta_change=change)
+    with pytest.raises(ValueError, match="bad.safetensors") as err:
+        KNNMemory.load(bad)
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize("written", [[-1, 3], [2**60, 3]])
+def test_load_rejects_impossible_written_counts(tmp_path, written):
+    _, path = _saved(tmp_path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors",
+                   tensor_change=lambda t: t.update(written=torch.tensor(written)))
+    with pytest.raises(ValueError, match="'written'"):
+        KNNMemory.load(bad)
+
+
+@pytest.mark.parametrize("backend", ["ivf", "hnsw"])
+def test_load_verifies_saved_indexes(tmp_path, backend):
+    """An index whose ids are not the row's slots (another row's, out of range) or that is not an
+    index at all is refused, never searched."""
+    memory, path = _saved(tmp_path, backend=backend, backend_options={"min_train": 16} if backend == "ivf" else None)
+    small = KNNMemory(1, 1, 8, 100, backend=backend, backend_options={"min_train": 16} if backend == "ivf" else None)
+    small.add(torch.randn(1, 1, 60, 8), torch.randn(1, 1, 60, 8))  # ids 0..59 > the 40 slots of a row
+    foreign = small._search.state_tensors()["index.0.0"]
+    cases = {"ids": lambda t: t.update({"index.0.1": foreign}),
+             "readable": lambda t: t.update({"index.0.1": torch.tensor([1, 2, 3], dtype=torch.uint8)}),
+             "row <": lambda t: t.update({"index.7.0": t["index.0.0"].clone()})}
+    for field, change in cases.items():
+        bad = _rewrite(path, tmp_path / f"bad_{backend}.safetensors", tensor_change=change)
+        with pytest.raises(ValueError, match=field):
+            KNNMemory.load(bad)
+
+
+def test_gather_rejects_indices_out_of_range():
+    memory = KNNMemory(2, 1, 4, 10)
+    memory.add(torch.randn(2, 1, 10, 4), torch.randn(2, 1, 10, 4))
+    for bad in (10, -2):
+        indices = torch.zeros(2, 1, 3, 2, dtype=torch.long)
+        indices[0, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match=r"indices must be slots in \[0, M=10\)"):
+            memory.gather(indices)
+
+
+@pytest.mark.parametrize("rows", [[True, False], [0.0], 1.5, [0, 5], [-1], torch.tensor([0.0]),
+                                  torch.tensor([True]), "0"])
+def test_clear_rejects_loose_rows_before_clearing_any(rows):
+    memory = KNNMemory(2, 1, 4, 10)
+    memory.add(torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 4))
+    with pytest.raises((ValueError, TypeError), match="rows"):
+        memory.clear(rows)
+    assert memory.counts.tolist() == [5, 5]  # nothing was cleared
+    memory.clear(torch.tensor([False, True]))
+    assert memory.counts.tolist() == [5, 0]
+
+
+def test_values_beyond_the_store_dtype_are_refused():
+    memory = KNNMemory(1, 1, 4, 10, dtype=torch.float16, normalize=False)
+    big = torch.full((1, 1, 2, 4), 1e5)  # finite in fp32, inf in fp16
+    with pytest.raises(ValueError, match="beyond the range"):
+        memory.add(big, torch.ones(1, 1, 2, 4))
+    with pytest.raises(ValueError, match="beyond the range"):
+        memory.add(torch.ones(1, 1, 2, 4), big)
+    assert len(memory) == 0
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    memory, path = _saved(tmp_path)
+    before = path.read_bytes()
+    import knnmem.memory as memory_module
+
+    def full_disk(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(memory_module, "save_file", full_disk)
+    memory.add(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8))
+    with pytest.raises(OSError, match="No space"):
+        memory.save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

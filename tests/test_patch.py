@@ -173,7 +173,7 @@ def test_bad_calls_raise_clear_errors():
     with pytest.raises(TypeError, match=r"supports transformers models of types \('gpt2', 'gpt_neox', 'llama'\)"):
         knnmem.patch(bert)
     model = tiny("llama")
-    with pytest.raises(ValueError, match=r"layers must be in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"layers must be a non-empty list of layer indices in \[0, 2\)"):
         knnmem.patch(model, layers=[2])
     with pytest.raises(ValueError, match="position must be one of"):
         knnmem.patch(model, position="end")
@@ -186,3 +186,100 @@ def test_bad_calls_raise_clear_errors():
         model(torch.randint(VOCAB, (1, 5)))
         with pytest.raises(ValueError, match="call reset"):
             model(torch.randint(VOCAB, (2, 5)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(topk=0), "topk must be a positive integer"),
+    (dict(max_memories=0), "max_memories must be a positive integer"),
+    (dict(memory_backend="bogus"), "backend must be one of"),
+    (dict(pinned=-1), "pinned must be"),
+    (dict(distance=-5), "distance must be"),
+    (dict(layers=[True]), "layers must be"),
+    (dict(layers=[0.0]), "layers must be"),
+    (dict(layers=[]), "layers must be"),
+    (dict(gate_init=float("nan")), "gate_init"),
+])
+def test_patch_validates_every_argument_before_changing_the_model(kwargs, message):
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=message):
+        knnmem.patch(model, **kwargs)
+    assert getattr(model, "knnmem", None) is None and model.config._attn_implementation != "knnmem"
+
+
+def _filled_handle(tmp_path, **kwargs):
+    model = tiny("llama")
+    handle = knnmem.patch(model, topk=4, max_memories=64, **kwargs)
+    with torch.no_grad():
+        model(torch.randint(VOCAB, (1, 20)))
+    handle.save(tmp_path)
+    return model, handle
+
+
+def test_handle_load_stays_inside_its_folder_and_checks_consistency(tmp_path):
+    import json
+
+    model, handle = _filled_handle(tmp_path / "mem")
+    meta = json.loads((tmp_path / "mem" / "handle.json").read_text())
+    outside = tmp_path / "outside.safetensors"
+    handle.memories[0].save(outside)
+    for files, message in [({"0": "../outside.safetensors"}, "not a memory file"),
+                           ({"0": str(outside)}, "not a memory file"),
+                           ({"zero": meta["files"]["0"]}, "not a memory file"),
+                           ({"1": meta["files"]["0"]}, "not a memory file"),
+                           ([1, 2], "'files' must map")]:
+        (tmp_path / "mem" / "handle.json").write_text(json.dumps({**meta, "files": files}))
+        with pytest.raises(ValueError, match=message):
+            handle.load(tmp_path / "mem")
+    (tmp_path / "mem" / "handle.json").write_text("{bad json")
+    with pytest.raises(ValueError, match="not a readable knnmem handle"):
+        handle.load(tmp_path / "mem")
+    # a memory saved by a handle of other settings does not load into this one
+    for other in (dict(logits="normalized"), dict(pinned=3)):
+        _, other_handle = _filled_handle(tmp_path / str(other), **other)
+        with pytest.raises(ValueError, match="does not match this handle"):
+            handle.load(tmp_path / str(other))
+
+
+def test_interrupted_handle_save_leaves_the_previous_snapshot(tmp_path, monkeypatch):
+    model, handle = _filled_handle(tmp_path)
+    with torch.no_grad():
+        model(torch.randint(VOCAB, (1, 10)))  # 30 tokens now; the saved snapshot has 20
+    import knnmem.memory
+
+    real_save_file, calls = knnmem.memory.save_file, []
+
+    def fail_on_second_layer(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(knnmem.memory, "save_file", fail_on_second_layer)
+    with pytest.raises(OSError):
+        handle.save(tmp_path)
+    monkeypatch.undo()
+    handle.load(tmp_path)
+    assert handle.stats()["stored_per_row"] == {0: [20], 1: [20]}  # the whole old snapshot, not a mix
+
+
+def test_trained_parameters_round_trip_through_save_pretrained(tmp_path):
+    model = tiny("llama")
+    knnmem.patch(model, topk=4, mode="gate", logits="normalized", pinned=2, layers=[1])
+    with torch.no_grad():
+        for p in knnmem.memory_parameters(model):
+            p.copy_(torch.randn(p.shape))
+    model.save_pretrained(tmp_path)
+    knnmem.save_patch(model, tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    handle = knnmem.load_patch(loaded, tmp_path)
+    assert handle.layers == [1] and handle.mode == "gate" and handle.pinned == 2
+    for a, b in zip(knnmem.memory_parameters(model), knnmem.memory_parameters(loaded)):
+        assert torch.equal(a, b)
+    ids = torch.randint(VOCAB, (1, 24))
+    model.knnmem.reset()
+    with torch.no_grad():
+        for segment in ids.split(8, dim=1):
+            torch.testing.assert_close(model(segment).logits, loaded(segment).logits)
+    knnmem.unpatch(loaded)
+    with pytest.raises(ValueError, match="not a readable knnmem patch file"):
+        knnmem.load_patch(loaded, tmp_path / "missing")
