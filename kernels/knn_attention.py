@@ -12,7 +12,9 @@ then one kernel for local dk/dv (looping over the query heads of a GQA group) an
 both branches (+ per-row memory-scale gradients). Gate gradients are a row reduction in torch.
 
 Shapes: q, memory_q (B, Hq, T, D); k, v (B, Hkv, S, D); memory_keys/values (B, Hkv, M, D);
-indices (B, Hq, T, topk). D must be a power of two >= 16. Accumulation is in fp32.
+indices (B, Hq, T, topk) int64. D must be a power of two >= 16. Accumulation is in fp32; fp32
+inputs use full-precision dots (not TF32); offsets are int64. Tile sizes keep the gathered rows
+within the register file: every launch compiles for sm_90 without spills (`aot.py`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def _program_tile(T, n_heads, group, D: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's (query tile, query head): batch row b, head h, its KV head's row kv,
     row offsets, which rows exist, and the pointers of the tile's (BLOCK_M, D) block."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: offsets such as (bh * T + m) * D pass 2**31 on big inputs
     b = bh // n_heads
     h = bh % n_heads
     kv = b * (n_heads // group) + h // group
@@ -40,7 +42,7 @@ def _program_tile(T, n_heads, group, D: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale,
-                HAS_KPM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_KPM: tl.constexpr, DOT: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Local keys/values [start_n, start_n + BLOCK_N), their logits against q, and which pairs may
     attend: in range, causal aligned to the end (key j visible to query i iff j <= i + S - T),
     and not padding."""
@@ -49,7 +51,7 @@ def _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale,
     ptrs = (kv * S + offs_n[:, None]) * D + tl.arange(0, D)[None, :]
     k = tl.load(K + ptrs, mask=col_ok[:, None], other=0.0)
     v = tl.load(V + ptrs, mask=col_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT).to(tl.float32) * scale
     allowed = col_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + S - T)
     if HAS_KPM:
         allowed = allowed & (tl.load(KPM + b * S + offs_n, mask=col_ok, other=0) != 0)[None, :]
@@ -85,14 +87,15 @@ def _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED: tl.constexpr
 @triton.jit
 def _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP,
                  D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Stored key/value rows (BLOCK_M, BLOCK_K, D) at the tile's indices, read in place; -1 = empty."""
+    """Stored key/value rows (BLOCK_M, BLOCK_K, D) at the tile's indices, read in place and kept in
+    the store's dtype (half the registers of fp32) until used; -1 = empty. All offsets are int64."""
     offs_k = start_k + tl.arange(0, BLOCK_K)
     idx = tl.load(IDX + (bh * T + offs_m[:, None]) * KTOP + offs_k[None, :],
                   mask=row_ok[:, None] & (offs_k[None, :] < KTOP), other=-1)
     valid = idx >= 0
-    ptrs = (kv * M + tl.where(valid, idx, 0))[:, :, None].to(tl.int64) * D + tl.arange(0, D)[None, None, :]
-    kg = tl.load(MK + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
-    vg = tl.load(MV + ptrs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+    ptrs = (kv * M + tl.where(valid, idx, 0))[:, :, None] * D + tl.arange(0, D)[None, None, :]
+    kg = tl.load(MK + ptrs, mask=valid[:, :, None], other=0.0)
+    vg = tl.load(MV + ptrs, mask=valid[:, :, None], other=0.0)
     return kg, vg, valid
 
 
@@ -100,7 +103,8 @@ def _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP,
 def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L, LSE_M,
                 T, S, M, KTOP, scale, n_heads, group,
                 HAS_KPM: tl.constexpr, NORMALIZED: tl.constexpr, JOINT: tl.constexpr, HAS_LOCAL: tl.constexpr,
-                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     pid_m, bh, b, h, kv, offs_m, row_ok, q_ptrs = _program_tile(T, n_heads, group, D, BLOCK_M)
     q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
 
@@ -110,9 +114,9 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
     acc_l = tl.zeros([BLOCK_M, D], tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T) if HAS_LOCAL else 0  # 0: memory branch only
     for start_n in range(0, hi, BLOCK_N):
-        k, v, s, allowed = _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale, HAS_KPM, D, BLOCK_N)
+        k, v, s, allowed = _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale, HAS_KPM, DOT, D, BLOCK_N)
         m_l, l_l, p, alpha = _online_softmax_step(m_l, l_l, tl.where(allowed, s, -float("inf")))
-        acc_l = acc_l * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc_l = acc_l * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT).to(tl.float32)
 
     # ---- memory branch: each query's own rows, gathered by index
     mq, c, _ = _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED)
@@ -121,9 +125,9 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
     acc_m = tl.zeros([BLOCK_M, D], tl.float32)
     for start_k in range(0, KTOP, BLOCK_K):
         kg, vg, valid = _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP, D, BLOCK_K)
-        s = tl.where(valid, tl.sum(mq[:, None, :] * kg, 2) * c, -float("inf"))
+        s = tl.where(valid, tl.sum(mq[:, None, :] * kg.to(tl.float32), 2) * c, -float("inf"))
         m_m, l_m, p, alpha = _online_softmax_step(m_m, l_m, s)
-        acc_m = acc_m * alpha[:, None] + tl.sum(p[:, :, None] * vg, 1)
+        acc_m = acc_m * alpha[:, None] + tl.sum(p[:, :, None] * vg.to(tl.float32), 1)
 
     # ---- epilogue: combine
     lse_l = tl.where(l_l > 0, m_l + tl.log(tl.where(l_l > 0, l_l, 1.0)), -float("inf"))
@@ -149,11 +153,13 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, KPM, LSE, DELTA, A, DK, DV,
                      T, S, scale, n_heads, group,
-                     HAS_KPM: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_KPM: tl.constexpr, DOT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """Local dk, dv of one key tile, summed over the query heads of its GQA group.
-    P = exp(s - LSE) (the row's normaliser), dS = P * (A * dO . v - DELTA)."""
+    P = exp(s - LSE) (the row's normaliser), dS = P * (A * dO . v - DELTA). Dot operands are in the
+    inputs' dtype (fp16/bf16 tensor cores; fp32 inputs: exact fp32 dots), accumulation in fp32."""
     pid_n = tl.program_id(0)
-    bkv = tl.program_id(1)
+    bkv = tl.program_id(1).to(tl.int64)
     b = bkv // (n_heads // group)
     hkv = bkv % (n_heads // group)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,14 +186,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, KPM, LSE, DELTA, A, DK, DV,
             lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
             a = tl.load(A + bh * T + offs_m, mask=row_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=DOT).to(tl.float32) * scale
             allowed = row_ok[:, None] & col_allowed[None, :] & (offs_n[None, :] <= offs_m[:, None] + S - T)
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-            do_a = do * a[:, None]
-            dv += tl.dot(tl.trans(p), do_a)
-            dp = tl.dot(do_a, tl.trans(v.to(tl.float32)))
+            do_a = (do * a[:, None]).to(q.dtype)
+            dv += tl.dot(tl.trans(p.to(q.dtype)), do_a, input_precision=DOT)
+            dp = tl.dot(do_a, tl.trans(v), input_precision=DOT)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds), q.to(tl.float32)) * scale
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT) * scale
     tl.store(DK + kv_ptrs, dk, mask=col_ok[:, None])
     tl.store(DV + kv_ptrs, dv, mask=col_ok[:, None])
 
@@ -196,7 +202,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, KPM, LSE, DELTA, A, DK, DV,
 def _bwd_dq_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, MSCALE, DO,
                    LSE_L, DELTA_L, A, LSE_M, DELTA_M, BCOEF, DQ, DMQ, DSCALE,
                    T, S, M, KTOP, scale, n_heads, group,
-                   HAS_KPM: tl.constexpr, NORMALIZED: tl.constexpr,
+                   HAS_KPM: tl.constexpr, NORMALIZED: tl.constexpr, DOT: tl.constexpr,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dq of the local branch, dmq of the memory branch, and per-row d(memory scale)."""
     pid_m, bh, b, h, kv, offs_m, row_ok, q_ptrs = _program_tile(T, n_heads, group, D, BLOCK_M)
@@ -205,15 +211,15 @@ def _bwd_dq_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, MSCALE, DO,
 
     lse = tl.load(LSE_L + bh * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_L + bh * T + offs_m, mask=row_ok, other=0.0)
-    do_a = do * tl.load(A + bh * T + offs_m, mask=row_ok, other=0.0)[:, None]
+    do_a = (do * tl.load(A + bh * T + offs_m, mask=row_ok, other=0.0)[:, None]).to(q.dtype)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M + S - T)
     for start_n in range(0, hi, BLOCK_N):
-        k, v, s, allowed = _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale, HAS_KPM, D, BLOCK_N)
+        k, v, s, allowed = _local_tile(q, K, V, KPM, b, kv, offs_m, start_n, T, S, scale, HAS_KPM, DOT, D, BLOCK_N)
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do_a, tl.trans(v.to(tl.float32)))
+        dp = tl.dot(do_a, tl.trans(v), input_precision=DOT)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, k.to(tl.float32)) * scale
+        dq += tl.dot(ds.to(q.dtype), k, input_precision=DOT) * scale
     tl.store(DQ + q_ptrs, dq, mask=row_ok[:, None])
 
     mq, c, norm = _memory_query(MQ, MSCALE, q_ptrs, row_ok, h, scale, NORMALIZED)
@@ -224,11 +230,11 @@ def _bwd_dq_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, MSCALE, DO,
     dscale = tl.zeros([BLOCK_M], tl.float32)
     for start_k in range(0, KTOP, BLOCK_K):
         kg, vg, valid = _memory_rows(IDX, MK, MV, bh, kv, offs_m, row_ok, start_k, T, M, KTOP, D, BLOCK_K)
-        dot = tl.sum(mq[:, None, :] * kg, 2)
+        dot = tl.sum(mq[:, None, :] * kg.to(tl.float32), 2)
         p = tl.where(valid, tl.exp(dot * c - lse[:, None]), 0.0)
-        dp = tl.sum(do_b[:, None, :] * vg, 2)
+        dp = tl.sum(do_b[:, None, :] * vg.to(tl.float32), 2)
         ds = p * (dp - delta[:, None])
-        u += tl.sum(ds[:, :, None] * kg, 1) * c
+        u += tl.sum(ds[:, :, None] * kg.to(tl.float32), 1) * c
         dscale += tl.sum(ds * dot, 1)
     if NORMALIZED:  # through mq / |mq|
         u = (u - mq * tl.sum(mq * u, 1)[:, None]) / norm[:, None]
@@ -236,9 +242,28 @@ def _bwd_dq_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, MSCALE, DO,
     tl.store(DSCALE + bh * T + offs_m, dscale, mask=row_ok)
 
 
+# With 4 warps (128 threads), a gathered (BLOCK_M, BLOCK_K, D) memory tile of at most 4096
+# elements is 32 per thread per tensor: it fits the register file without spilling (compiled for
+# sm_90 by `knnmem.kernels.aot`; tests/test_kernel_compile.py).
+_GATHER_ELEMENTS = 4096
+
+
+def _options(kernel: str, D: int) -> dict:
+    """Launch options: 4 warps, 3 stages; at D >= 128 the forward and dq hold more (BLOCK_M, D)
+    fp32 tiles and need 8 warps not to spill (dq with 4 warps: 168 registers + 16 B stack on sm_90)."""
+    return {"num_warps": 8 if kernel in ("fwd", "dq") and D >= 128 else 4, "num_stages": 3}
+
+
 def _blocks(D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): the gathered (BLOCK_M, BLOCK_K, D) memory tile bounds BLOCK_M."""
-    return (16 if D >= 128 else 32), 32, 16
+    """(BLOCK_M, BLOCK_N, BLOCK_K): 16-row query tiles (the smallest tensor-core dot), and a
+    memory tile of BLOCK_M x BLOCK_K rows within the register budget."""
+    return 16, 32, max(1, _GATHER_ELEMENTS // (16 * D))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: dots in full fp32 ("ieee", as the reference computes, not TF32); fp16/bf16
+    operands use tensor cores whatever this says."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _per_head(x: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -255,7 +280,7 @@ def _forward(q, k, v, memory_q, memory_keys, memory_values, indices, gate, memor
     S, KTOP = k.shape[2], indices.shape[3]
     q, k, v, memory_q = (x.contiguous() for x in (q, k, v, memory_q))
     memory_keys, memory_values = memory_keys.detach().contiguous(), memory_values.detach().contiguous()
-    indices = indices.to(torch.int32).contiguous()
+    indices = indices.to(torch.int64).contiguous()  # read as int64 by the kernel: no conversion pass
     kpm = key_padding.to(torch.int8).contiguous() if key_padding is not None else q  # unused if None
     gate_t, mscale_t = _per_head(gate, q), _per_head(memory_scale, q)
     out = torch.empty_like(q)
@@ -268,7 +293,7 @@ def _forward(q, k, v, memory_q, memory_keys, memory_values, indices, gate, memor
         q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t,
         out, o_l, o_m, lse_l, lse_m, T, S, M, KTOP, scale, Hq, Hq // Hkv,
         HAS_KPM=key_padding is not None, NORMALIZED=normalized, JOINT=joint, HAS_LOCAL=has_local,
-        D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        DOT=_dot_precision(q.dtype), D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_options("fwd", D))
     inputs = (q, k, v, memory_q, memory_keys, memory_values, indices, kpm, gate_t, mscale_t)
     return inputs, out, o_l, o_m, lse_l, lse_m
 
@@ -321,12 +346,13 @@ class _KNNAttentionFunction(torch.autograd.Function):
         BM, BN, BK = _blocks(D)
         _bwd_dkdv_kernel[(triton.cdiv(S, BN), B * Hkv)](
             q, k, v, d_out, kpm, lse_used_l, delta_l, a, dk, dv, T, S, ctx.scale, Hq, Hq // Hkv,
-            HAS_KPM=ctx.has_kpm, D=D, BLOCK_M=BM, BLOCK_N=BN)
+            HAS_KPM=ctx.has_kpm, DOT=_dot_precision(q.dtype), D=D, BLOCK_M=BM, BLOCK_N=BN, **_options("dkdv", D))
         _bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
             q, k, v, memory_q, memory_keys, memory_values, indices, kpm, mscale_t, d_out,
             lse_used_l, delta_l, a, lse_used_m, delta_m, b, dq, dmq, dscale,
             T, S, M, KTOP, ctx.scale, Hq, Hq // Hkv,
-            HAS_KPM=ctx.has_kpm, NORMALIZED=ctx.normalized, D=D, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+            HAS_KPM=ctx.has_kpm, NORMALIZED=ctx.normalized, DOT=_dot_precision(q.dtype), D=D, BLOCK_M=BM,
+            BLOCK_N=BN, BLOCK_K=BK, **_options("dq", D))
         d_mscale = dscale.sum((0, 2)).to(ctx.mscale_dtype) if ctx.normalized and ctx.mscale_dtype else None
         d_gate = d_gate.to(ctx.gate_dtype) if d_gate is not None and ctx.gate_dtype else None
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmq.to(q.dtype), None, None, None,
@@ -349,3 +375,47 @@ def memory_branch(memory_q, memory_keys, memory_values, indices, memory_scale, s
     _, _, _, o_m, _, lse_m = _forward(memory_q, memory_q, memory_q, memory_q, memory_keys, memory_values, indices,
                                       None, memory_scale, None, scale, normalized, joint=True, has_local=False)
     return o_m, lse_m
+
+
+# ---------------------------------------------------------------- ahead-of-time compile (aot.py)
+_KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}
+
+
+def launch_flags(every_flag: bool = False) -> dict[str, list[dict]]:
+    """Flag sets of each kernel that the launchers above use: all of them, or per kernel its
+    heaviest path (plus the memory-branch-only forward)."""
+    both = (False, True)
+    if every_flag:
+        fwd = [dict(HAS_KPM=p, NORMALIZED=n, JOINT=j, HAS_LOCAL=True) for p in both for n in both for j in both]
+        fwd += [dict(HAS_KPM=False, NORMALIZED=n, JOINT=True, HAS_LOCAL=False) for n in both]
+        return {"fwd": fwd, "dq": [dict(HAS_KPM=p, NORMALIZED=n) for p in both for n in both],
+                "dkdv": [dict(HAS_KPM=p) for p in both]}
+    return {"fwd": [dict(HAS_KPM=True, NORMALIZED=True, JOINT=True, HAS_LOCAL=True),
+                    dict(HAS_KPM=False, NORMALIZED=True, JOINT=True, HAS_LOCAL=False)],
+            "dq": [dict(HAS_KPM=True, NORMALIZED=True)], "dkdv": [dict(HAS_KPM=True)]}
+
+
+def launch_spec(name: str, pointer: str, D: int, **flags):
+    """(kernel, argument types, constexprs, options) of a launch with inputs of pointer type
+    `pointer` ("*fp16", ...) and head dim D, as the launchers above make it."""
+    fn = _KERNELS[name]
+    BM, BN, BK = _blocks(D)
+    dot = "ieee" if pointer == "*fp32" else "tf32"
+    fp32 = {"OL", "OM", "LSE_L", "LSE_M", "GATE", "MSCALE", "LSE", "DELTA", "A", "DK", "DV", "DQ", "DMQ",
+            "DSCALE", "DELTA_L", "DELTA_M", "BCOEF"}
+    types = {}
+    for arg in fn.arg_names:
+        if arg in ("T", "S", "M", "KTOP", "n_heads", "group"):
+            types[arg] = "i32"
+        elif arg == "scale":
+            types[arg] = "fp32"
+        elif arg == "IDX":
+            types[arg] = "*i64"
+        elif arg == "KPM":
+            types[arg] = "*i8"
+        else:
+            types[arg] = "*fp32" if arg in fp32 else pointer
+    constexprs = {"DOT": dot, "D": D, "BLOCK_M": BM, "BLOCK_N": BN, **flags}
+    if "BLOCK_K" in fn.arg_names:
+        constexprs["BLOCK_K"] = BK
+    return fn, types, constexprs, _options(name, D)
