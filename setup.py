@@ -30,6 +30,10 @@ setup(
         # its declared dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
         "eval": ["gguf>=0.10", "accelerate>=0.30", "matplotlib>=3.7"],
         "dev": ["pytest>=7", "matplotlib>=3.7"],
+        # The peer benchmarked side by side (memorizing-transformers-pytorch 0.4.1) declares faiss-gpu,
+        # which pulls CUDA packages: install it with --no-deps (README); these are its real needs.
+        "bench": ["einops>=0.6", "einops-exts", "filelock", "joblib", "matplotlib>=3.7", "gguf>=0.10",
+                  "accelerate>=0.30"],
     },
     entry_points={"console_scripts": ["knnmem=knnmem.cli:main"]},
 )

@@ -1,10 +1,14 @@
-"""Add/search throughput and recall@k of every KNNMemory backend, side by side in one run.
+"""Add/search throughput and recall@k of every KNNMemory backend and of the peer, in one run.
 
-    python benchmarks/bench_memory.py                      # full sweep, 4K..1M memories per head
-    python benchmarks/bench_memory.py --sizes 4096 65536   # a quick one
+    python benchmarks/bench_memory.py                      # 4K..256K memories per head, 8 heads
+    python benchmarks/bench_memory.py --sizes 1048576 --heads 1 --queries 4096 --model-backends \
+        --out benchmarks/results/memory_1m_cpu.json       # 1M memories per head
 
-Keys are clustered (like real attention keys); recall@k is measured against the `exact` backend
-on the same data. The model-sized case times one 512-token segment of SmolLM2-135M
+Keys are clustered (like real attention keys: `knnmem.synthetic.clustered_keys`, 1024 clusters);
+recall@k is measured against the `exact` backend on the same data. `peer` is the store of
+memorizing-transformers-pytorch 0.4.1 (its `KNN` class: faiss HNSWFlat, M=15, default efSearch),
+one index per head, fed and searched the same way (`pip install -e ".[bench]"` and
+`pip install --no-deps memorizing-transformers-pytorch==0.4.1`; skipped with a message if absent). The model-sized case times one 512-token segment of SmolLM2-135M
 (9 query heads on 3 KV heads, head dim 64) searched against 64K memories in each of its
 30 layers, next to the model's own forward time for that segment.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -34,16 +39,54 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return (found[..., :, None] == truth[..., None, :]).any(-1).float().mean().item()
 
 
+class PeerStore:
+    """The peer's per-index store (memorizing_transformers_pytorch.knn_memory.KNN), one per head."""
+
+    def __init__(self, heads: int, dim: int, size: int) -> None:
+        from memorizing_transformers_pytorch.knn_memory import KNN
+
+        self.knns = [KNN(dim=dim, max_num_entries=size, cap_num_entries=True) for _ in range(heads)]
+        self.added = 0
+        self.backend = "peer (HNSWFlat M=15)"
+
+    def add(self, keys: torch.Tensor, _values: torch.Tensor) -> None:
+        ids = np.arange(self.added, self.added + keys.shape[2])
+        for h, knn in enumerate(self.knns):
+            knn.add(np.ascontiguousarray(keys[0, h].numpy()), ids=ids)
+        self.added += keys.shape[2]
+
+    def search(self, queries: torch.Tensor, k: int):
+        found = [knn.search(np.ascontiguousarray(queries[0, h].numpy()), k, increment_age=False)
+                 for h, knn in enumerate(self.knns)]
+        return None, torch.from_numpy(np.stack(found)).long()[None]
+
+
+def peer_available() -> bool:
+    try:
+        import memorizing_transformers_pytorch  # noqa: F401
+    except ImportError as err:
+        print(f"peer skipped: memorizing-transformers-pytorch is not importable ({err}); "
+              "pip install --no-deps memorizing-transformers-pytorch==0.4.1 einops-exts")
+        return False
+    return True
+
+
 def sweep(args) -> list[dict]:
     rows = []
+    backends = list(args.backends) + (["peer"] if args.peer and peer_available() else [])
     for size in args.sizes:
         g = torch.Generator().manual_seed(size)
         data = clustered_keys(args.heads * (size + args.queries), args.dim, generator=g)
         data = data.reshape(1, args.heads, size + args.queries, args.dim)
         keys, queries = data[:, :, :size], data[:, :, size:]
         truth = None
-        for backend in args.backends:
-            memory = KNNMemory(1, args.heads, args.dim, size, backend=backend)
+        # The peer stores and searches vectors as given (its layer normalises them): unit vectors for all.
+        keys, queries = torch.nn.functional.normalize(keys, dim=-1), torch.nn.functional.normalize(queries, dim=-1)
+        for backend in backends:
+            if backend == "peer":
+                memory = PeerStore(args.heads, args.dim, size)
+            else:
+                memory = KNNMemory(1, args.heads, args.dim, size, backend=backend)
             add_s = timed(lambda: fill(memory, keys))
             result = {}
             search_s = timed(lambda: result.update(out=memory.search(queries, args.k)), repeat=args.repeat)
@@ -60,6 +103,14 @@ def sweep(args) -> list[dict]:
             print(f"{size:>9} {row['backend']:<28} add {row['add_keys_per_s']:>12,.0f} keys/s"
                   f"  search {row['search_queries_per_s']:>10,.0f} q/s  recall {row[f'recall@{args.k}']}",
                   flush=True)
+        peer = next((r for r in rows if r["memories_per_head"] == size and r["backend"].startswith("peer")), None)
+        if peer is not None:
+            for r in rows:
+                if r["memories_per_head"] == size and r is not peer:
+                    r["search_vs_peer"] = r["search_queries_per_s"] / peer["search_queries_per_s"]
+                    r["add_vs_peer"] = r["add_keys_per_s"] / peer["add_keys_per_s"]
+                    print(f"{size:>9} {r['backend']:<28} vs peer: search {r['search_vs_peer']:.2f}x, "
+                          f"add {r['add_vs_peer']:.1f}x", flush=True)
     return rows
 
 
@@ -95,9 +146,10 @@ def model_case(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 65536, 262144])
     parser.add_argument("--backends", nargs="+", default=["exact", "flat", "ivf", "hnsw"])
-    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="leave the peer out")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--queries", type=int, default=512, help="queries per head (one segment)")
