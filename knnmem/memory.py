@@ -75,7 +75,7 @@ class KNNMemory:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         # Tokens ever written per row since its last clear (on CPU: it drives Python control flow).
         self.written = torch.zeros(batch_size, dtype=torch.long)
-        name = auto_backend(device, max_memories) if backend == "auto" else backend
+        name = auto_backend(device, max_memories, self.normalize) if backend == "auto" else backend
         self._backend_options = dict(backend_options or {})
         self._search = make_backend(name, self, **self._backend_options)
 

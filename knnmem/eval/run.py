@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["validation", "train", "all"], default=None,
                    help="documents of the reproducible by-document split to evaluate (default: validation "
                         "for the default corpus, all for --data)")
-    p.add_argument("--max-docs", type=int, default=2, help="documents to evaluate (largest first)")
+    p.add_argument("--max-docs", type=int, default=1, help="documents to evaluate (largest first)")
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens read from each document")
     p.add_argument("--min-tokens", type=int, default=None,
                    help="skip documents shorter than this (default corpus: 16384 or --max-tokens if smaller; "
