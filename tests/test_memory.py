@@ -392,3 +392,24 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         memory.save(path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_auto_picks_exact_for_raw_keys_and_small_memories():
+    assert KNNMemory(1, 1, 8, 65536, normalize=False).backend == "exact"
+    assert KNNMemory(1, 1, 8, 4096).backend == "exact"
+    assert KNNMemory(1, 1, 8, 65536).backend.startswith("ivf")
+
+
+def test_blocked_exact_search_equals_brute_force():
+    """Several 64-query blocks and 16K-memory chunks, rows holding different counts."""
+    from knnmem.search import exact_search
+
+    g = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(2, 1, 20000, 8, generator=g), torch.randn(2, 1, 130, 8, generator=g)
+    counts = torch.tensor([20000, 17000])
+    scores, indices = exact_search(keys, counts, queries, 5)
+    for row in range(2):
+        full = queries[row, 0] @ keys[row, 0, :counts[row]].T
+        expected_s, expected_i = full.topk(5, dim=-1)
+        torch.testing.assert_close(scores[row, 0], expected_s)
+        assert torch.equal(indices[row, 0], expected_i)
