@@ -37,6 +37,7 @@ ATTENTION_NAME = "knnmem"
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
 _GATE, _SCALE = "knn_gate", "knn_memory_scale"
 _HANDLE_FORMAT = 2
+DEFAULT_PINNED = 64  # first tokens of a document kept in a bounded memory (measured: README)
 _LAYER_FILE = re.compile(r"layer_(\d+)\.[0-9a-f]{12}\.safetensors")
 _PATCH_FILE = "knnmem_patch.safetensors"
 
@@ -232,7 +233,7 @@ def patch(
     distance: int = 512,
     memory_backend: str = "auto",
     gate_init: float = 0.0,
-    pinned: int = 0,
+    pinned: int | None = None,
 ) -> MemoryHandle:
     """Turn attention layers of a transformers causal LM (GPT-2, GPT-NeoX/Pythia, Llama family)
     into kNN memory layers. Returns the `MemoryHandle` (also at `model.knnmem`).
@@ -248,7 +249,9 @@ def patch(
             (`knnmem.positions`). distance: the distance of the "constant" policy.
         memory_backend: search backend of the stores ("auto", "exact", "ivf", ...).
         gate_init: initial gate logit of mode="gate" (0 = sigmoid 0.5, as in the paper's code).
-        pinned: the first `pinned` tokens of each document stay in memory when it overflows.
+        pinned: the first `pinned` tokens of each document stay in memory when it overflows (the
+            model's attention sinks: without them a bounded memory is worse than none, see the
+            README). None: 64, or max_memories // 2 if that is smaller.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -264,6 +267,9 @@ def patch(
     if position not in POLICIES:
         raise ValueError(f"position must be one of {POLICIES}, got {position!r}")
     check_positive_int("topk", topk)
+    check_positive_int("max_memories", max_memories)
+    if pinned is None:
+        pinned = min(DEFAULT_PINNED, max_memories // 2)
     check_memory_options(max_memories, memory_backend, pinned)
     if isinstance(distance, bool) or not isinstance(distance, int) or distance < 0:
         raise ValueError(f"distance must be a non-negative integer, got {distance!r}")

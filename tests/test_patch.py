@@ -283,3 +283,10 @@ def test_trained_parameters_round_trip_through_save_pretrained(tmp_path):
     knnmem.unpatch(loaded)
     with pytest.raises(ValueError, match="not a readable knnmem patch file"):
         knnmem.load_patch(loaded, tmp_path / "missing")
+
+
+def test_default_pins_the_first_tokens_of_a_document():
+    model = tiny("llama")
+    assert knnmem.patch(model).pinned == 64
+    knnmem.unpatch(model)
+    assert knnmem.patch(model, max_memories=40).pinned == 20  # half of a smaller memory

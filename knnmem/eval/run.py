@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=65536, help="memory size (tokens per layer and head)")
     p.add_argument("--memory-sweep", type=int, nargs="*", default=[],
                    help="also run each memory config at these sizes (configs NAME@N), for the plot by size")
-    p.add_argument("--pinned", type=int, default=0,
-                   help="first tokens of each document kept in memory when it overflows")
+    p.add_argument("--pinned", type=int, default=None,
+                   help="first tokens of each document kept in memory when it overflows "
+                        "(default: 64, or half the memory if smaller)")
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
     p.add_argument("--mode", choices=["joint", "gate"], default="joint")
@@ -103,7 +104,7 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
     for size in [args.memory, *args.memory_sweep]:
         if size <= 0:
             parser.error(f"--memory and --memory-sweep sizes must be positive, got {size}")
-        if not 0 <= args.pinned < size:
+        if args.pinned is not None and not 0 <= args.pinned < size:
             parser.error(f"--pinned must be in [0, memory size {size}), got {args.pinned}")
     try:
         args.layer_list = parse_layers(args.layers)
