@@ -396,7 +396,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_auto_picks_exact_for_raw_keys_and_small_memories():
     assert KNNMemory(1, 1, 8, 65536, normalize=False).backend == "exact"
-    assert KNNMemory(1, 1, 8, 4096).backend == "exact"
+    assert KNNMemory(1, 1, 8, 16384).backend == "exact"
     assert KNNMemory(1, 1, 8, 65536).backend.startswith("ivf")
 
 
