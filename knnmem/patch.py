@@ -184,12 +184,12 @@ class MemoryHandle:
         else:  # a real token attends to itself; padding attends to nothing
             t = torch.arange(T, device=query.device)
             real = attention_mask.expand(B, -1, -1, -1)[:, 0, t, S - T + t]
-        if self.placement is None:
-            memory_q, store_k = query, new_k
-        else:
-            memory_q, store_k = self.placement.split(query, new_k, position_ids, S)
         memory = self._memory(module.layer_idx, B, key.shape[1], D, query.device)
-        _, indices = memory.search(memory_q.detach(), self.topk)
+        if len(memory):
+            memory_q = query if self.placement is None else self.placement.memory_query(query, position_ids, S)
+            _, indices = memory.search(memory_q.detach(), self.topk)
+        else:  # nothing to retrieve: no placement, no search
+            memory_q, indices = query, torch.full((B, Hq, T, self.topk), -1, dtype=torch.long, device=query.device)
         self.last_indices[module.layer_idx] = indices
         out = knn_attention(
             query, key, value, memory.keys, memory.values, indices.to(query.device),
@@ -198,6 +198,7 @@ class MemoryHandle:
         )
         n = T if self.write_first is None else min(self.write_first, T)
         if n:
+            store_k = new_k if self.placement is None else self.placement.stored_keys(new_k, position_ids, S)
             memory.add(store_k[:, :, :n].detach(), new_v[:, :, :n].detach(), mask=real[:, :n])
         return out.transpose(1, 2).contiguous(), None
 

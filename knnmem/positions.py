@@ -52,29 +52,55 @@ class RotaryPlacement:
     """Un-rotates keys for storage and builds the memory branch's queries, for one model.
 
     rotary: the model's rotary embedding module, called as rotary(x, position_ids) -> (cos, sin).
+    The (cos, sin) of a position tensor are computed once and reused by every memory layer of
+    the same forward pass (they all receive the same position tensor).
     """
 
     def __init__(self, rotary: nn.Module, policy: str = "constant", distance: int = 512) -> None:
         if policy not in POLICIES:
             raise ValueError(f"position must be one of {POLICIES}, got {policy!r}")
         self.rotary, self.policy, self.distance = rotary, policy, int(distance)
+        self._angles: dict[str, tuple] = {}  # "read"/"stored" -> (positions, dtype, cos, sin)
 
-    def split(self, q: torch.Tensor, new_k: torch.Tensor, position_ids: torch.Tensor | None, window: int):
-        """q: (B, Hq, T, D) rotated queries; new_k: (B, Hkv, T, D) the segment's rotated keys;
-        position_ids: (B, T) or None (then 0..T-1 after `window - T` earlier keys).
+    def _cos_sin(self, slot: str, x: torch.Tensor, positions: torch.Tensor):
+        cached = self._angles.get(slot)
+        # Identity, not value: the cache holds the tensor, so a hit is the very same positions.
+        if cached is None or cached[0] is not positions or cached[1] != x.dtype:
+            cached = (positions, x.dtype, *self.rotary(x, positions))
+            self._angles[slot] = cached
+        return cached[2], cached[3]
 
-        Returns (memory_q (B, Hq, T, D), keys to store (B, Hkv, T, D), un-rotated).
-        """
+    def _positions(self, position_ids: torch.Tensor | None, B: int, T: int, window: int, device) -> torch.Tensor:
+        """position_ids (B, T), or 0..T-1 after `window - T` earlier keys (kept for reuse)."""
+        if position_ids is not None:
+            return position_ids
+        cached = self._angles.get("default")
+        if cached is None or cached[0] != (B, T, window, device):
+            cached = ((B, T, window, device), torch.arange(window - T, window, device=device).expand(B, T))
+            self._angles["default"] = cached
+        return cached[1]
+
+    def stored_keys(self, new_k: torch.Tensor, position_ids: torch.Tensor | None, window: int) -> torch.Tensor:
+        """new_k: (B, Hkv, T, D) the window's rotated keys -> the same keys un-rotated, to store."""
+        B, _, T, _ = new_k.shape
+        cos, sin = self._cos_sin("stored", new_k, self._positions(position_ids, B, T, window, new_k.device))
+        return undo_rotary(new_k, cos, sin)
+
+    def memory_query(self, q: torch.Tensor, position_ids: torch.Tensor | None, window: int) -> torch.Tensor:
+        """q: (B, Hq, T, D) rotated queries -> the memory branch's queries, placed by the policy."""
         B, _, T, _ = q.shape
-        if position_ids is None:
-            position_ids = torch.arange(window - T, window, device=q.device).expand(B, T)
-        cos, sin = self.rotary(q, position_ids)
-        q0, k0 = undo_rotary(q, cos, sin), undo_rotary(new_k, cos, sin)
+        positions = self._positions(position_ids, B, T, window, q.device)
+        cos, sin = self._cos_sin("stored", q, positions)
+        q0 = undo_rotary(q, cos, sin)
         if self.policy == "none":
-            return q0, k0
+            return q0
         if self.policy == "constant":
-            at = torch.full_like(position_ids, self.distance)
+            cached = self._angles.get("constant")
+            if cached is None or cached[0] != (B, T, q.device):
+                cached = ((B, T, q.device), torch.full((B, T), self.distance, device=q.device, dtype=torch.long))
+                self._angles["constant"] = cached
+            at = cached[1]
         else:  # start: distance from the first key of the local window
-            at = position_ids - position_ids[:, :1] + (window - T)
-        cos, sin = self.rotary(q, at)
-        return apply_rotary(q0, cos, sin), k0
+            at = positions - positions[:, :1] + (window - T)
+        cos, sin = self._cos_sin("read", q, at)
+        return apply_rotary(q0, cos, sin)
