@@ -72,6 +72,9 @@ def _flash_local_cpu(q, k, v, scale: float, attention_mask) -> tuple[torch.Tenso
     no (T, S) probability matrix is materialised. Inference only (the op's lse has no gradient)."""
     T, S = q.shape[2], k.shape[2]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    attention_mask = key_padding_from_mask(attention_mask, T, S)  # transformers' 4-D masks, if exact
+    if attention_mask is not None and attention_mask.ndim == 2 and bool(attention_mask.all()):
+        attention_mask = None  # no padding: the op's own causal path, no mask tensor
     if attention_mask is None and S == T:
         out, lse = flash(q, k, v, 0.0, True, scale=scale)[:2]
         return out, lse
