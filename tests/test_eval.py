@@ -172,6 +172,7 @@ def test_named_data_files_are_all_evaluated(tiny_model_dir, tmp_path):
                         *EVAL_ARGS, "--configs", "none"])
     assert len(result["documents"]) == 4
     assert all(not os.path.isabs(d["name"]) for d in result["documents"])
+    assert all(not os.path.isabs(name) for name in result["settings"]["data"])  # no paths of this machine
 
 
 def test_passkey_harness_scores_an_oracle_perfectly_and_a_memoryless_tiny_model_at_chance(tiny_model_dir):

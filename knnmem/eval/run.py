@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": description,
         "documents": [{"name": corpus.display_name(path), "tokens": ids.numel()} for path, ids in documents],
         "world_size": world,
-        "settings": {k: v for k, v in vars(args).items() if k != "layer_list"},
+        "settings": {**{k: v for k, v in vars(args).items() if k != "layer_list"},
+                     "data": [corpus.display_name(p) for p in args.data] if args.data else None},
         "configs": {},
     }
     for name, (kind, size, sums, seconds) in totals.items():
