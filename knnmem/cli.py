@@ -1,18 +1,22 @@
-"""The `knnmem` command: `knnmem eval ...` (perplexity) and `knnmem passkey ...` (retrieval)."""
+"""The `knnmem` command: `knnmem eval` (perplexity), `knnmem passkey` (retrieval) and
+`knnmem train` (fine-tuning a retrofit)."""
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: knnmem {eval,passkey} [options]   (knnmem eval --help, knnmem passkey --help)"
+COMMANDS = ("eval", "passkey", "train")
+USAGE = "usage: knnmem {eval,passkey,train} [options]   (knnmem eval --help, knnmem train --help, ...)"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("eval", "passkey"):
+    if not argv or argv[0] not in COMMANDS:
         print(USAGE)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     if argv[0] == "eval":
         from .eval.run import main as run
-    else:
+    elif argv[0] == "passkey":
         from .eval.passkey import main as run
+    else:
+        from .train.run import main as run
     run(argv[1:])

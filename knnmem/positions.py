@@ -48,6 +48,14 @@ def undo_rotary(x, cos, sin):
     return _rotate(x, cos, sin, -1.0)
 
 
+def rope_angles(n: int, dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (1, n, dim) of positions 0..n-1 for `apply_rotary` (Llama's RoPE layout)."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)[None]
+    return angles.cos(), angles.sin()
+
+
 class RotaryPlacement:
     """Un-rotates keys for storage and builds the memory branch's queries, for one model.
 

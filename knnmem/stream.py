@@ -38,6 +38,32 @@ def windows(n_tokens: int, segment: int, context: int) -> list[Window]:
     return [Window(start, a, b, next_start - start) for (start, a, b), next_start in zip(spans, starts)]
 
 
+def reset_memory(model, rows: int | list[int] | None = None) -> None:
+    """Clear the memory of a patched model (`model.knnmem`) or of a model with its own memory
+    layers (`reset_memory()`, e.g. `MemorizingTransformer`): all rows, or the given rows."""
+    handle = getattr(model, "knnmem", None)
+    if handle is not None:
+        handle.reset(rows)
+    elif hasattr(model, "reset_memory"):
+        model.reset_memory(rows)
+
+
+def forward_window(model, ids: torch.Tensor, w: Window) -> torch.Tensor:
+    """Logits (B, b - a, V) of window `w` of `ids` (B, N), under the caller's grad mode.
+
+    A patched model writes only the window's tokens that leave the local context. A model that
+    writes its own memory (`MemorizingTransformer`) is read with context 0: its layers keep the
+    XL cache and memory themselves."""
+    tokens = ids[:, w.start:w.b].to(model.device)
+    handle = getattr(model, "knnmem", None)
+    if handle is None:
+        logits = model(tokens, use_cache=False).logits
+    else:
+        with handle.writing(first=w.write):
+            logits = model(tokens, use_cache=False).logits
+    return logits[:, w.a - w.start:]
+
+
 @torch.no_grad()
 def read(model, ids: torch.Tensor, segment: int, context: int = 0) -> Iterator[tuple[Window, torch.Tensor]]:
     """Yield (window, logits of positions a..b-1) for each window of `ids` (B, N).
@@ -45,12 +71,5 @@ def read(model, ids: torch.Tensor, segment: int, context: int = 0) -> Iterator[t
     If `model` is patched (`model.knnmem`), each window writes only its tokens that leave the
     local context; the caller resets the memory between documents.
     """
-    handle = getattr(model, "knnmem", None)
     for w in windows(ids.shape[-1], segment, context):
-        tokens = ids[:, w.start:w.b].to(model.device)
-        if handle is None:
-            logits = model(tokens, use_cache=False).logits
-        else:
-            with handle.writing(first=w.write):
-                logits = model(tokens, use_cache=False).logits
-        yield w, logits[:, w.a - w.start:]
+        yield w, forward_window(model, ids, w)

@@ -81,27 +81,6 @@ def test_split_is_reproducible_and_by_document(tmp_path):
         corpus.find_documents([str(tmp_path / "missing*.txt")])
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A local HF model directory: a tiny Llama and a byte-level BPE tokenizer trained here."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    directory = tmp_path_factory.mktemp("tiny_model")
-    text = corpus.read_text(corpus.default_corpus(1)[0])
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([text], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
-    fast.save_pretrained(directory)
-    tiny_llama(vocab=len(fast)).save_pretrained(directory)
-    docs = tmp_path_factory.mktemp("docs")
-    for i, path in enumerate(corpus.default_corpus(4)):
-        (docs / f"doc{i}.py").write_text(corpus.read_text(path)[:3000])
-    return str(directory), str(docs)
-
-
 EVAL_ARGS = ["--max-docs", "4", "--max-tokens", "96", "--segment", "32", "--window", "64",
              "--configs", "none", "xl", "long", "memory", "xl+memory",
              "--memory", "256", "--memory-sweep", "32", "--topk", "4", "--pinned", "2"]

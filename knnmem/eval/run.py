@@ -3,6 +3,7 @@
     knnmem eval                                   # bundled SmolLM2-135M, stdlib corpus, defaults
     knnmem eval --data 'docs/**/*.txt' --max-docs 8 --configs none xl+memory
     knnmem eval --configs none xl+memory --memory-sweep 512 1024 2048 4096
+    knnmem eval --checkpoint runs/train           # memory configs use a retrofit fine-tuned by knnmem train
     torchrun --nproc-per-node 2 -m knnmem.eval    # documents split across processes
 """
 from __future__ import annotations
@@ -21,12 +22,16 @@ from ..patch import patch, unpatch
 from ..positions import POLICIES
 from ..search import BACKENDS
 from ..stream import windows
+from ..train.trainable import TRAINED_FILE, load_trained
 from . import corpus
 from .model import load_model
 from .report import print_table, save_plot, write_json
 from .scoring import KINDS, local_context, score_document, uses_memory
 
 DEFAULT_CONFIGS = ["none", "xl", "long", "xl+memory"]
+# Memory settings a fine-tuned checkpoint fixes (it was trained with them).
+CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "layers", "mode", "position", "distance",
+                       "memory_backend")
 LONG_DOCUMENT = 16384  # default corpus: documents shorter than this (or --max-tokens) are skipped
 
 
@@ -73,13 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distance", type=int, default=512, help="distance of --position constant")
     p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")
     p.add_argument("--window", type=int, default=2048, help="context window of the `long` configuration")
+    p.add_argument("--checkpoint", default=None,
+                   help="a `knnmem train` output directory: memory configs run the fine-tuned retrofit "
+                        "(its memory settings replace --layers, --mode, --memory, ...)")
     p.add_argument("--json", default="eval_results/eval.json", help="where to write the results")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
-def _check_writable(path: str) -> None:
+def check_writable(path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory):
@@ -112,11 +120,17 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(str(err))
     for path in (args.json, args.plot or os.path.splitext(args.json)[0] + ".png"):
         try:
-            _check_writable(path)
+            check_writable(path)
         except OSError as err:
             parser.error(f"cannot write results to {path!r}: {err}")
     if args.split is None:
         args.split = "all" if args.data else "validation"
+    if args.checkpoint is not None:
+        if not os.path.isfile(os.path.join(args.checkpoint, TRAINED_FILE)):
+            parser.error(f"--checkpoint {args.checkpoint!r} holds no {TRAINED_FILE} (a `knnmem train` output)")
+        for option in CHECKPOINT_SETTINGS:
+            if getattr(args, option) != parser.get_default(option):
+                parser.error(f"--{option.replace('_', '-')} comes from --checkpoint; do not give both")
 
 
 def select_documents(args, tokenizer) -> list[tuple[str, torch.Tensor]]:
@@ -141,13 +155,25 @@ def select_documents(args, tokenizer) -> list[tuple[str, torch.Tensor]]:
 
 
 def configurations(args) -> list[tuple[str, str, int | None]]:
-    """(name, kind, memory size) for every configuration to run."""
+    """(name, kind, memory size) for every configuration to run. With --checkpoint, the memory
+    configurations run last, on the fine-tuned retrofit loaded once."""
     configs = []
     for kind in args.configs:
         configs.append((kind, kind, args.memory if uses_memory(kind) else None))
         if uses_memory(kind):
             configs += [(f"{kind}@{n}", kind, n) for n in args.memory_sweep if n != args.memory]
+    if args.checkpoint is not None:
+        configs.sort(key=lambda c: uses_memory(c[1]))
     return configs
+
+
+def memory_for(model, args, size: int):
+    """Patch `model` for a memory configuration (or load the fine-tuned checkpoint, once)."""
+    if args.checkpoint is not None:
+        return getattr(model, "knnmem", None) or load_trained(model, args.checkpoint)
+    return patch(model, layers=args.layer_list, topk=args.topk, max_memories=size, mode=args.mode,
+                 position=args.position, distance=args.distance, memory_backend=args.memory_backend,
+                 pinned=args.pinned)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,9 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         bar.set_description(name)
         handle = None
         if uses_memory(kind):
-            handle = patch(model, layers=args.layer_list, topk=args.topk, max_memories=size, mode=args.mode,
-                           position=args.position, distance=args.distance, memory_backend=args.memory_backend,
-                           pinned=args.pinned)
+            handle = memory_for(model, args, size)
+            size = handle.max_memories
         # nll sum, tokens, per-segment-index nll sums and token counts (for the plot), seconds
         sums = torch.zeros(2 + 2 * n_positions, dtype=torch.float64)
         start = time.perf_counter()
@@ -193,26 +218,27 @@ def main(argv: list[str] | None = None) -> dict:
                 sums[2 + index] += chunk.sum()
                 sums[2 + n_positions + index] += chunk.numel()
         seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        if handle is not None:
+        if handle is not None and args.checkpoint is None:
             unpatch(model)
         if world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        totals[name] = (kind, size, sums, float(seconds))
+        totals[name] = (kind, size, sums, float(seconds), handle.settings if handle is not None else None)
     bar.close()
     result = {
         "model": description,
         "documents": [{"name": corpus.display_name(path), "tokens": ids.numel()} for path, ids in documents],
         "world_size": world,
         "settings": {**{k: v for k, v in vars(args).items() if k != "layer_list"},
-                     "data": [corpus.display_name(p) for p in args.data] if args.data else None},
+                     "data": [corpus.display_name(p) for p in args.data] if args.data else None,
+                     "checkpoint": corpus.display_name(os.path.normpath(args.checkpoint)) if args.checkpoint else None},
         "configs": {},
     }
-    for name, (kind, size, sums, seconds) in totals.items():
+    for name, (kind, size, sums, seconds, memory_settings) in totals.items():
         nll, tokens = sums[0].item(), int(sums[1].item())
         counts = sums[2 + n_positions:]
         result["configs"][name] = {
-            "kind": kind, "memory": size, "local_context": local_context(kind, args.segment, args.window),
+            "kind": kind, "memory": size, "memory_settings": memory_settings, "local_context": local_context(kind, args.segment, args.window),
             "ppl": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds,
             "ppl_by_segment": [math.exp(s / c) for s, c in zip(sums[2:2 + n_positions].tolist(), counts.tolist()) if c],

@@ -1,0 +1,122 @@
+"""`MemorizingTransformer`: a small decoder-only language model with kNN memory layers, for
+training from scratch (the paper's setting: one memory layer at ~75% depth).
+
+    config = MemorizingConfig(vocab_size=256, dim=256, depth=6, heads=4, max_memories=8192, xl_cache=True)
+    model = MemorizingTransformer(config)
+    for segment in document.split(512, dim=1):          # (B, 512) token ids, one document per row
+        logits = model(segment).logits                  # memory fills as segments are read
+    model.reset_memory()                                # before the next documents
+
+Pre-norm blocks (LayerNorm, GELU MLP), rotary positions in local attention and none for
+memories, tied input/output embeddings. Every layer keeps an optional Transformer-XL cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._checks import check_positive_int
+from .layer import CausalAttention, KNNAttention
+
+
+@dataclass
+class MemorizingConfig:
+    """Shape of a `MemorizingTransformer`.
+
+    memory_layers: indices of the kNN memory layers; None = one layer at 75% depth; [] = none.
+    max_memories: tokens kept per (document, KV head) by each memory layer.
+    """
+
+    vocab_size: int = 256
+    dim: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: int = 4
+    memory_layers: list[int] | None = None
+    max_memories: int = 8192
+    topk: int = 32
+    xl_cache: bool = False
+    rope_base: float = 10000.0
+    memory_backend: str = "auto"
+
+    def resolved_memory_layers(self) -> list[int]:
+        if self.memory_layers is None:
+            return [self.depth * 3 // 4]
+        return sorted(set(self.memory_layers))
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "depth", "heads", "mlp_ratio", "max_memories", "topk"):
+            check_positive_int(name, getattr(self, name))
+        bad = [i for i in self.resolved_memory_layers() if not isinstance(i, int) or not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"memory_layers must be layer indices in [0, depth={self.depth}), got {self.memory_layers}")
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, vocab_size)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: MemorizingConfig, memory: bool) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
+        common = dict(dim=config.dim, heads=config.heads, xl_cache=config.xl_cache, rope_base=config.rope_base)
+        self.attn = (KNNAttention(**common, topk=config.topk, max_memories=config.max_memories,
+                                  memory_backend=config.memory_backend)
+                     if memory else CausalAttention(**common))
+        hidden = config.mlp_ratio * config.dim
+        self.mlp = nn.Sequential(nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attention_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class MemorizingTransformer(nn.Module):
+    """Decoder-only LM over one segment per call; memory layers remember earlier segments."""
+
+    def __init__(self, config: MemorizingConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        memory_layers = set(config.resolved_memory_layers())
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config, i in memory_layers) for i in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def reset_memory(self, rows: int | list[int] | None = None) -> None:
+        """Forget memories and XL caches of all rows, or of the given rows (new documents)."""
+        for block in self.blocks:
+            block.attn.reset_memory(rows)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                use_cache: bool = False) -> LMOutput:
+        """input_ids: (B, T) int64; attention_mask: optional (B, T), 0 = padding. `use_cache` is
+        accepted for call compatibility with transformers models and must be False."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a (B, T) int64 tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if use_cache:
+            raise ValueError("MemorizingTransformer has no generation KV cache: call it with use_cache=False")
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        return LMOutput(self.norm(x) @ self.embed.weight.T)

@@ -1,0 +1,139 @@
+"""What a fine-tuning run trains, and the file that holds it.
+
+A retrofit (`knnmem.patch`) is fine-tuned with everything else frozen:
+
+- `memory`: the gates and memory scales that `patch` added (a few numbers per head).
+- `attention`: those, and the query/key/value/output projections of the memory layers.
+- `lora`: those, and LoRA adapters (through `peft`) on the memory layers' projections.
+
+The trained parameters, and what is needed to rebuild them (the `patch` settings, the choice
+above, the LoRA shape), are saved as one safetensors file; `load_trained` puts them back onto a
+freshly loaded model in one call.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..memory import atomic_write
+from ..patch import MemoryHandle, _attention_modules, patch
+
+TRAINABLE = ("memory", "attention", "lora")
+TRAINED_FILE = "knnmem_trained.safetensors"
+MEMORY_PARAMETER_NAMES = ("knn_gate", "knn_memory_scale", "gate", "memory_scale")
+
+
+def is_memory_parameter(name: str) -> bool:
+    """Gates and memory scales (of `patch` or `KNNAttention`), which train at their own rate."""
+    return name.rsplit(".", 1)[-1] in MEMORY_PARAMETER_NAMES
+
+
+def _projections(model: nn.Module, layers: list[int]) -> list[str]:
+    """Full names of the linear projections inside the attention modules of `layers`."""
+    from transformers.pytorch_utils import Conv1D
+
+    modules = {id(m) for m in _attention_modules(model) if m.layer_idx in layers}
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in modules:
+            names += [f"{name}.{child}" for child, sub in module.named_children() if isinstance(sub, (nn.Linear, Conv1D))]
+    return names
+
+
+def prepare(model: nn.Module, train: str = "memory", lora_rank: int = 8, lora_alpha: float = 16.0) -> dict[str, nn.Parameter]:
+    """Freeze a patched model except what `train` names (adding LoRA adapters for "lora").
+    Returns the trainable parameters by name."""
+    handle: MemoryHandle | None = getattr(model, "knnmem", None)
+    if handle is None:
+        raise ValueError("prepare needs a model patched by knnmem.patch (or loaded by load_trained)")
+    if train not in TRAINABLE:
+        raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
+    targets = _projections(model, handle.layers)
+    if train == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank <= 0:
+            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}")
+        fan_in_fan_out = model.config.model_type == "gpt2"  # GPT-2's Conv1D stores weights transposed
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets,
+                                           fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0), model)
+    for name, param in model.named_parameters():
+        if is_memory_parameter(name):
+            param.requires_grad_(True)
+        elif train == "attention":
+            param.requires_grad_(any(name.startswith(t + ".") for t in targets))
+        else:
+            param.requires_grad_(train == "lora" and "lora_" in name)
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trained(model: nn.Module, path: str, info: dict) -> None:
+    """Write the trainable parameters of `model` and `info` (JSON metadata) to `path`, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: p.detach().cpu().contiguous() for name, p in trained_parameters(model).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"knnmem_trained": json.dumps(info)}))
+
+
+def read_trained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, info) of a file written by `save_trained`; ValueError if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            info = json.loads((f.metadata() or {}).get("knnmem_trained", "null"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable knnmem checkpoint: {err}") from err
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: no knnmem_trained metadata")
+    return tensors, info
+
+
+def restore_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Copy `tensors` into the trainable parameters of `model`; names and shapes must match exactly."""
+    params = trained_parameters(model)
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ValueError(f"{path} does not match this model's trainable parameters "
+                         f"(missing: {missing[:4]}, unexpected: {extra[:4]})")
+    with torch.no_grad():
+        for name, param in params.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                 f"the model's is {tuple(param.shape)}")
+            param.copy_(tensors[name])
+
+
+def load_trained(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle:
+    """Put a fine-tuned retrofit saved by `knnmem train` (its `directory`) onto a freshly loaded,
+    unpatched `model`: patch it with the saved settings, add the saved LoRA adapters, and load
+    the trained parameters. Returns the memory handle; the model stays frozen but for those.
+
+        model = AutoModelForCausalLM.from_pretrained(...)
+        handle = knnmem.load_trained(model, "runs/train")
+    """
+    path = os.path.join(os.fspath(directory), TRAINED_FILE)
+    tensors, info = read_trained(path)
+    settings, train = info.get("patch"), info.get("train")
+    allowed = set(inspect.signature(patch).parameters) - {"model"}
+    if not isinstance(settings, dict) or not set(settings) <= allowed or train not in TRAINABLE:
+        raise ValueError(f"{path}: not a fine-tuned retrofit (patch settings {settings!r}, train {train!r})")
+    handle = patch(model, **settings)
+    try:
+        prepare(model, train, info.get("lora_rank", 8), info.get("lora_alpha", 16.0))
+        restore_parameters(model, tensors, path)
+    except Exception:
+        from .. import unpatch
+
+        unpatch(model)
+        raise
+    return handle

@@ -1,0 +1,210 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import knnmem
+from knnmem import MemorizingConfig, MemorizingTransformer
+from knnmem.layer import CausalAttention
+from knnmem.train import TrainSettings, load_trained, perplexity, pieces, prepare, train
+from knnmem.train.run import default_layers
+from knnmem.train.run import main as train_main
+
+
+def _llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, vocab_size=64, max_position_embeddings=512,
+                         initializer_range=0.2)  # logits large enough for a frozen base to be trainable
+    return LlamaForCausalLM(config)
+
+
+def _repeating_documents(count: int, length: int, period: int = 24, seed: int = 0) -> list[torch.Tensor]:
+    """Documents that repeat a random phrase: what was read before predicts what comes next."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(64, (period,), generator=g).repeat(length // period + 1)[:length] for _ in range(count)]
+
+
+SMALL = dict(lr=1e-2, lr_memory=1e-1, warmup=2, segment=16, context=16, batch_size=2, validate_every=0, save_every=0)
+
+
+def test_default_layers_are_a_fifth_at_60_to_80_percent_depth():
+    assert default_layers(30) == [18, 19, 20, 21, 22, 23]
+    assert default_layers(12) == [7, 8] and default_layers(2) == [1]
+
+
+def test_prepare_freezes_all_but_what_is_trained():
+    model = _llama()
+    knnmem.patch(model, layers=[1], mode="gate", logits="normalized")
+    names = set(prepare(model, "memory"))
+    assert names == {"model.layers.1.self_attn.knn_gate", "model.layers.1.self_attn.knn_memory_scale"}
+    names = set(prepare(model, "attention"))
+    assert {n.rsplit(".", 2)[-2] for n in names} == {"self_attn", "q_proj", "k_proj", "v_proj", "o_proj"}
+    assert all(n.startswith("model.layers.1.") for n in names)
+    names = set(prepare(model, "lora", lora_rank=2))
+    assert any("lora_A" in n for n in names) and all("lora_" in n or "knn_" in n for n in names)
+    assert all(n.startswith("model.layers.1.") for n in names)
+    with pytest.raises(ValueError, match="train must be one of"):
+        prepare(model, "everything")
+    with pytest.raises(ValueError, match="needs a model patched"):
+        prepare(_llama(), "memory")
+
+
+def test_training_a_retrofit_lowers_the_loss_and_clears_memory_per_document():
+    model = _llama()
+    handle = knnmem.patch(model, layers=[1, 2], mode="gate", logits="normalized", max_memories=256)
+    prepare(model, "attention")
+    seen = []  # stored tokens per row in layer 1 before each window
+    model.register_forward_pre_hook(lambda m, args: seen.append(
+        handle.memories[1].counts.tolist() if 1 in handle.memories else [0, 0]))
+    docs = _repeating_documents(4, 96)
+    log = train(model, docs, TrainSettings(steps=30, **SMALL), progress=False)
+    assert len(log["history"]) == 30 and log["tokens"] == 30 * 2 * 16 - 5 * 2  # the 6th window of a batch scores 15
+    first, last = sum(log["history"][:5]) / 5, sum(log["history"][-5:]) / 5
+    assert last < 0.9 * first, (first, last)  # measured 4.44 -> 3.45
+    windows_per_batch = 6
+    for i, counts in enumerate(seen):
+        w = i % windows_per_batch  # window w of its batch stores the tokens before its local context
+        assert counts == [max(0, 16 * (w - 1))] * 2, (i, counts)
+    assert all(m.counts.tolist() == [0, 0] for m in handle.memories.values())  # cleared after the last batch
+
+
+@pytest.mark.parametrize("what", ["memory", "attention", "lora"])
+def test_checkpoint_loads_onto_a_fresh_model_in_one_call(what, tmp_path):
+    model = _llama()
+    knnmem.patch(model, layers=[2], mode="gate", logits="normalized", max_memories=128)
+    prepare(model, what, lora_rank=2)
+    info = {"patch": model.knnmem.settings, "train": what, "lora_rank": 2, "lora_alpha": 16.0}
+    train(model, _repeating_documents(2, 64), TrainSettings(steps=4, **SMALL), output=str(tmp_path), info=info,
+          progress=False)
+    fresh = _llama()
+    handle = load_trained(fresh, tmp_path)
+    assert handle.layers == [2] and handle.mode == "gate"
+    ids = torch.randint(64, (1, 40))
+    model.knnmem.reset()
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already patched"):
+        load_trained(fresh, tmp_path)
+
+
+def test_resume_continues_to_exactly_the_same_losses(tmp_path):
+    docs = _repeating_documents(6, 64)
+
+    def run(steps_before_interrupt=None, resume=False):
+        model = _llama()
+        knnmem.patch(model, layers=[1], mode="gate", logits="normalized", max_memories=128)
+        prepare(model, "lora", lora_rank=2)
+        if steps_before_interrupt is not None:
+            calls = []
+
+            def interrupt(module, args):
+                calls.append(1)
+                if len(calls) > steps_before_interrupt:
+                    raise KeyboardInterrupt
+            model.register_forward_pre_hook(interrupt)
+        settings = TrainSettings(steps=12, **{**SMALL, "save_every": 4, "accumulate": 2})
+        return train(model, docs, settings, output=str(tmp_path / "run"), resume=resume, info={}, progress=False)
+
+    full = run()["history"]
+    (tmp_path / "run" / "trainer_state.pt").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        run(steps_before_interrupt=4 * 2 * 2 + 3)  # a checkpoint at step 4 (batch end), interrupted mid-batch
+    resumed = run(resume=True)
+    assert resumed["history"] == full  # the first 4 from the checkpoint, the rest recomputed
+    with pytest.raises(ValueError, match="cannot resume with different"):
+        model = _llama()
+        knnmem.patch(model, layers=[1], mode="gate", logits="normalized", max_memories=128)
+        prepare(model, "lora", lora_rank=2)
+        train(model, docs, TrainSettings(steps=12, **{**SMALL, "seed": 1}), output=str(tmp_path / "run"), resume=True)
+
+
+def test_bad_training_input_raises():
+    model = _llama()
+    knnmem.patch(model, layers=[1], mode="gate")
+    prepare(model, "memory")
+    with pytest.raises(ValueError, match="one length"):
+        train(model, [torch.zeros(40, dtype=torch.long), torch.zeros(41, dtype=torch.long)], TrainSettings())
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        train(model, _repeating_documents(2, 64), TrainSettings(steps=0))
+    with pytest.raises(ValueError, match="cannot fill batch_size=4"):
+        train(model, _repeating_documents(2, 64), TrainSettings(batch_size=4, segment=16))
+    with pytest.raises(ValueError, match="shorter than one segment"):
+        train(model, _repeating_documents(2, 64), TrainSettings(segment=64))
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
+        train(model, _repeating_documents(2, 64), TrainSettings(segment=16), resume=True)
+    assert [p.numel() for p in pieces(torch.arange(10), 4)] == [4, 4]
+
+
+def test_causal_attention_xl_cache_with_rope_equals_attention_over_both_segments():
+    torch.manual_seed(0)
+    xl = CausalAttention(32, 4, kv_heads=2, xl_cache=True, rope_base=10000.0)
+    plain = CausalAttention(32, 4, kv_heads=2, rope_base=10000.0)
+    plain.load_state_dict(xl.state_dict())
+    x1, x2 = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
+    xl(x1)
+    torch.testing.assert_close(xl(x2), plain(torch.cat([x1, x2], dim=1))[:, 6:], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="rope_base"):
+        CausalAttention(32, 4, rope_base=0.5)
+
+
+def test_memorizing_transformer_trains_fills_memory_and_clears_it_per_document():
+    torch.manual_seed(0)
+    config = MemorizingConfig(vocab_size=64, dim=32, depth=4, heads=4, max_memories=128, topk=8, xl_cache=True)
+    model = MemorizingTransformer(config)
+    assert config.resolved_memory_layers() == [3]
+    memory_layer = model.blocks[3].attn
+    counts = []
+    memory_layer.register_forward_pre_hook(lambda m, args: counts.append(
+        m.memory.counts.tolist() if m.memory is not None else [0, 0]))
+    log = train(model, _repeating_documents(4, 64), TrainSettings(steps=16, lr=3e-3, lr_memory=None, warmup=2,
+                                                                  segment=16, batch_size=2), progress=False)
+    assert sum(log["history"][-4:]) < sum(log["history"][:4])
+    # xl cache: segment s enters memory when segment s+2 is read
+    assert counts[:4] == [[0, 0], [0, 0], [16, 16], [32, 32]] and counts[4] == [0, 0]
+    assert memory_layer.memory.counts.tolist() == [0, 0] and memory_layer.cache.entry is None
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        model(torch.full((1, 4), 64))
+    with pytest.raises(ValueError, match="memory_layers must be layer indices"):
+        MemorizingTransformer(MemorizingConfig(depth=2, memory_layers=[2]))
+
+
+def test_train_cli_then_eval_checkpoint(tiny_model_dir, tmp_path, capsys):
+    from knnmem.eval.run import main as eval_main
+
+    model_dir, docs = tiny_model_dir
+    for i in range(4, 8):  # more documents for the by-name split: doc1/2/6 train, the rest validation
+        (tmp_path / f"doc{i}.py").write_text(open(f"{docs}/doc{i % 4}.py").read())
+    data = [docs, str(tmp_path)]
+    out = tmp_path / "run"
+    args = ["--model", model_dir, "--data", *data, "--output", str(out), "--doc-tokens", "160", "--segment", "32",
+            "--context", "32", "--memory", "256", "--topk", "4", "--steps", "3", "--batch-size", "2",
+            "--train", "lora", "--lora-rank", "2"]
+    log = train_main(args)
+    assert log["step"] == 3 and (out / "knnmem_trained.safetensors").exists()
+    assert "validation ppl before training" in capsys.readouterr().out
+    result = eval_main(["--model", model_dir, "--data", *data, "--json", str(tmp_path / "e.json"),
+                        "--max-tokens", "96", "--segment", "32", "--configs", "xl+memory", "none",
+                        "--checkpoint", str(out)])
+    assert list(result["configs"]) == ["none", "xl+memory"]  # memory configs run last, on the checkpoint
+    assert result["configs"]["xl+memory"]["memory_settings"]["mode"] == "gate"
+    assert result["settings"]["checkpoint"] == "run"
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_trained(fresh, out)  # the documented one call
+    assert fresh.knnmem.layers == [1]
+    for bad, message in [(["--topk", "8"], "--topk comes from --checkpoint"),
+                         (["--checkpoint", str(tmp_path)], "holds no knnmem_trained")]:
+        with pytest.raises(SystemExit):
+            eval_main(["--model", model_dir, "--data", docs, "--json", str(tmp_path / "e.json"), "--checkpoint",
+                       str(out), *bad])
+        assert message in capsys.readouterr().err
+    for bad, message in [(["--steps", "0"], "steps must be a positive integer"),
+                         (["--doc-tokens", "50"], "--doc-tokens (50) must exceed"),
+                         (["--layers", "0,9"], "this model has layers 0..1"),
+                         (["--output", str(tmp_path / "new"), "--resume"], "holds no checkpoint")]:
+        with pytest.raises(SystemExit):
+            train_main([*args, *bad])
+        assert message in capsys.readouterr().err
