@@ -98,6 +98,12 @@ class MemorizingTransformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     @property
+    def stateful(self) -> bool:
+        """True if calls remember earlier segments (memory layers or XL caches): such a model
+        reads a document segment by segment, without a recomputed local context."""
+        return bool(self.config.resolved_memory_layers()) or self.config.xl_cache
+
+    @property
     def device(self) -> torch.device:
         return self.embed.weight.device
 

@@ -54,8 +54,11 @@ def forward_window(model, ids: torch.Tensor, w: Window) -> torch.Tensor:
     A patched model writes only the window's tokens that leave the local context. A model that
     writes its own memory (`MemorizingTransformer`) is read with context 0: its layers keep the
     XL cache and memory themselves."""
-    tokens = ids[:, w.start:w.b].to(model.device)
     handle = getattr(model, "knnmem", None)
+    if w.start < w.a and getattr(model, "stateful", False):
+        raise ValueError("this model keeps its own memory or XL cache: read it with context 0 (a recomputed "
+                         "context would be written into memory twice)")
+    tokens = ids[:, w.start:w.b].to(model.device)
     if handle is None:
         logits = model(tokens, use_cache=False).logits
     else:

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -166,6 +164,8 @@ def test_memorizing_transformer_trains_fills_memory_and_clears_it_per_document()
     # xl cache: segment s enters memory when segment s+2 is read
     assert counts[:4] == [[0, 0], [0, 0], [16, 16], [32, 32]] and counts[4] == [0, 0]
     assert memory_layer.memory.counts.tolist() == [0, 0] and memory_layer.cache.entry is None
+    with pytest.raises(ValueError, match="read it with context 0"):
+        perplexity(model, _repeating_documents(1, 64), 16, context=16)
     with pytest.raises(ValueError, match="input_ids must lie in"):
         model(torch.full((1, 4), 64))
     with pytest.raises(ValueError, match="memory_layers must be layer indices"):
@@ -208,3 +208,24 @@ def test_train_cli_then_eval_checkpoint(tiny_model_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             train_main([*args, *bad])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_like_one_with_both_documents(tiny_model_dir, tmp_path):
+    """batch_size 1 in each of 2 processes (gradients averaged) = batch_size 2 in one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model_dir, docs = tiny_model_dir
+    common = ["--model", model_dir, "--data", docs, "--doc-tokens", "160", "--segment", "32", "--context", "32",
+              "--memory", "256", "--topk", "4", "--steps", "4", "--train", "attention", "--lr", "1e-2"]
+    train_main([*common, "--batch-size", "2", "--output", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "knnmem.train",
+                    *common, "--batch-size", "1", "--output", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    one, two = (json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("one", "two"))
+    assert two["tokens"] == one["tokens"]
+    assert two["history"] == pytest.approx(one["history"], rel=1e-5)  # fp32 sums in another order

@@ -24,7 +24,7 @@ from ..search import BACKENDS
 from ..stream import windows
 from ..train.trainable import TRAINED_FILE, load_trained
 from . import corpus
-from .model import load_model
+from .model import start_command
 from .report import print_table, save_plot, write_json
 from .scoring import KINDS, local_context, score_document, uses_memory
 
@@ -180,15 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
-        model, tokenizer, description = load_model(args.model, device=args.device)
-    except (OSError, ValueError) as err:
-        parser.error(f"--model: {err}")
+    model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
     n_layers = model.config.num_hidden_layers
     if args.layer_list is not None and not all(0 <= i < n_layers for i in args.layer_list):
         parser.error(f"--layers {args.layers!r}: this model has layers 0..{n_layers - 1}")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..eval import corpus
-from ..eval.model import load_model
+from ..eval.model import start_command
 from ..eval.run import check_writable, parse_layers
 from ..patch import patch
 from ..positions import POLICIES
@@ -109,14 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_writable(os.path.join(args.output, "train_log.json"))
     except OSError as err:
         parser.error(f"cannot write checkpoints to {args.output!r}: {err}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
-        model, tokenizer, description = load_model(args.model, device=args.device)
-    except (OSError, ValueError) as err:
-        parser.error(f"--model: {err}")
+    model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
     n_layers = model.config.num_hidden_layers
     layers = default_layers(n_layers) if layers is None else layers
     if not all(0 <= i < n_layers for i in layers):
@@ -135,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = {"patch": model.knnmem.settings, "train": args.train, "lora_rank": args.lora_rank, "lora_alpha": 16.0,
             "model": description, "data": [corpus.display_name(p) for p in args.data] if args.data else "stdlib",
             "train_documents": len(train_docs), "validation_documents": len(val_docs)}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(f"knnmem train: {description}; memory layers {layers} ({args.mode}); training {args.train}: "
               f"{sum(p.numel() for p in trainable.values()):,} parameters; {len(train_docs)} training / "
               f"{len(val_docs)} validation documents of {args.doc_tokens} tokens")
@@ -144,11 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
         info["validation_ppl_before"] = read_trained(os.path.join(args.output, TRAINED_FILE))[1].get("validation_ppl_before")
     else:
         before = perplexity(model, val_docs, args.segment, args.context, args.batch_size)
-        print(f"validation ppl before training: {before:.3f}")
+        if rank == 0:
+            print(f"validation ppl before training: {before:.3f}")
         info["validation_ppl_before"] = before
     log = train(model, train_docs, settings, val_docs, output=args.output, resume=args.resume, info=info)
-    print(f"done: {log['step']} steps, {log['tokens']:,} tokens, {time.perf_counter() - start:.0f} s; "
-          f"checkpoint in {args.output} (knnmem eval --checkpoint {args.output})")
+    if rank == 0:
+        print(f"done: {log['step']} steps, {log['tokens']:,} tokens, {time.perf_counter() - start:.0f} s; "
+              f"checkpoint in {args.output} (knnmem eval --checkpoint {args.output})")
     if world > 1:
         dist.destroy_process_group()
     return log
