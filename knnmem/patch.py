@@ -71,6 +71,7 @@ class MemoryHandle:
         self.memories: dict[int, KNNMemory] = {}
         self.last_indices: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, T, topk) of the last call
         self.write_first: int | None = None  # None: every call writes all its new tokens
+        self.training: dict | None = None  # what knnmem.train.prepare made trainable (saved with it)
 
     # ------------------------------------------------------------------ user API
     def reset(self, rows: int | list[int] | None = None) -> None:

@@ -73,9 +73,7 @@ def test_checkpoint_loads_onto_a_fresh_model_in_one_call(what, tmp_path):
     model = _llama()
     knnmem.patch(model, layers=[2], mode="gate", logits="normalized", max_memories=128)
     prepare(model, what, lora_rank=2)
-    info = {"patch": model.knnmem.settings, "train": what, "lora_rank": 2, "lora_alpha": 16.0}
-    train(model, _repeating_documents(2, 64), TrainSettings(steps=4, **SMALL), output=str(tmp_path), info=info,
-          progress=False)
+    train(model, _repeating_documents(2, 64), TrainSettings(steps=4, **SMALL), output=str(tmp_path), progress=False)
     fresh = _llama()
     handle = load_trained(fresh, tmp_path)
     assert handle.layers == [2] and handle.mode == "gate"

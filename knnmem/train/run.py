@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     patch(model, layers=layers, topk=args.topk, max_memories=args.memory, mode=args.mode, logits=args.logits,
           position=args.position, distance=args.distance, memory_backend=args.memory_backend)
     trainable = prepare(model, args.train, lora_rank=args.lora_rank)
-    info = {"patch": model.knnmem.settings, "train": args.train, "lora_rank": args.lora_rank, "lora_alpha": 16.0,
-            "model": description, "data": [corpus.display_name(p) for p in args.data] if args.data else "stdlib",
+    info = {"model": description, "data": [corpus.display_name(p) for p in args.data] if args.data else "stdlib",
             "train_documents": len(train_docs), "validation_documents": len(val_docs)}
     if rank == 0:
         print(f"knnmem train: {description}; memory layers {layers} ({args.mode}); training {args.train}: "

@@ -61,6 +61,7 @@ def prepare(model: nn.Module, train: str = "memory", lora_rank: int = 8, lora_al
         fan_in_fan_out = model.config.model_type == "gpt2"  # GPT-2's Conv1D stores weights transposed
         inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets,
                                            fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0), model)
+    handle.training = {"train": train, "lora_rank": lora_rank, "lora_alpha": lora_alpha}
     for name, param in model.named_parameters():
         if is_memory_parameter(name):
             param.requires_grad_(True)
@@ -76,9 +77,14 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_trained(model: nn.Module, path: str, info: dict) -> None:
-    """Write the trainable parameters of `model` and `info` (JSON metadata) to `path`, atomically."""
+    """Write the trainable parameters of `model` and `info` (JSON metadata) to `path`, atomically.
+    For a retrofit, the metadata also holds what `load_trained` needs: the patch settings and the
+    choice made by `prepare`."""
     from safetensors.torch import save_file
 
+    handle: MemoryHandle | None = getattr(model, "knnmem", None)
+    if handle is not None:
+        info = {**info, "patch": handle.settings, **(handle.training or {})}
     tensors = {name: p.detach().cpu().contiguous() for name, p in trained_parameters(model).items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"knnmem_trained": json.dumps(info)}))
 
