@@ -61,7 +61,8 @@ def save_plot(result: dict, path: str) -> None:
         if name in configs:
             by_size.axhline(configs[name]["ppl"], linestyle=style, color="gray", label=name)
     by_size.set(xlabel="memory size (tokens per layer and head)", ylabel="perplexity", title="Perplexity by memory size")
-    by_size.legend()
+    if by_size.get_legend_handles_labels()[0]:  # nothing to show with a single configuration
+        by_size.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -158,7 +158,12 @@ def _save(model, output: str, state: dict, info: dict) -> None:
     save_trained(model, os.path.join(output, TRAINED_FILE), info)
     atomic_write(os.path.join(output, STATE_FILE), lambda tmp: torch.save(state, tmp))
     log = {k: state[k] for k in ("step", "settings", "history", "validation", "seconds", "tokens")}
-    atomic_write(os.path.join(output, LOG_FILE), lambda tmp: open(tmp, "w").write(json.dumps(log, indent=1)))
+    atomic_write(os.path.join(output, LOG_FILE), lambda tmp: _write_json(tmp, log))
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
 
 
 def train(model: nn.Module, train_documents: list[torch.Tensor], settings: TrainSettings,
