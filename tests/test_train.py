@@ -116,6 +116,9 @@ def test_resume_continues_to_exactly_the_same_losses(tmp_path):
         knnmem.patch(model, layers=[1], mode="gate", logits="normalized", max_memories=128)
         prepare(model, "lora", lora_rank=2)
         train(model, docs, TrainSettings(steps=12, **{**SMALL, "seed": 1}), output=str(tmp_path / "run"), resume=True)
+    with pytest.raises(ValueError, match="cannot resume on other data"):
+        train(model, docs[:4], TrainSettings(steps=12, **{**SMALL, "save_every": 4, "accumulate": 2}),
+              output=str(tmp_path / "run"), resume=True)
 
 
 def test_bad_training_input_raises():

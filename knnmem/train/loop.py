@@ -190,8 +190,9 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
     optimizer = _optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(settings))
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    data = [docs.shape[0], docs.shape[1], world]  # documents, their length, processes: decide the order
     state = {"step": 0, "batch": 0, "history": [], "validation": [], "seconds": 0.0, "tokens": 0,
-             "settings": asdict(settings)}
+             "settings": asdict(settings), "data": data}
     if resume:
         if output is None or not os.path.exists(os.path.join(output, STATE_FILE)):
             raise ValueError(f"resume=True needs a checkpoint in output ({output!r} has no {STATE_FILE})")
@@ -200,6 +201,9 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
         if changed:
             raise ValueError(f"cannot resume with different {changed}: the checkpoint has "
                              f"{ {k: state['settings'].get(k) for k in changed} }")
+        if state.get("data") != data:
+            raise ValueError(f"cannot resume on other data: the checkpoint read {state.get('data')} "
+                             f"(documents, tokens each, processes), this run has {data}")
         tensors, _ = read_trained(os.path.join(output, TRAINED_FILE))
         restore_parameters(model, tensors, os.path.join(output, TRAINED_FILE))
         optimizer.load_state_dict(state.pop("optimizer"))
