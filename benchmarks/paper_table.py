@@ -31,7 +31,8 @@ from common import machine_info, write_json  # noqa: E402
 
 from knnmem import MemorizingConfig, MemorizingTransformer  # noqa: E402
 from knnmem.eval import corpus  # noqa: E402
-from knnmem.train import TrainSettings, perplexity, pieces, train  # noqa: E402
+from knnmem.train import TrainSettings, perplexity, train  # noqa: E402
+from knnmem.train.loop import document_pieces  # noqa: E402
 
 # The paper's numbers for these rows (perplexity, 12-layer models, Table 4 / Figure 1), quoted
 # for comparison: vanilla -> XL -> memory 65K + XL.
@@ -39,15 +40,9 @@ PAPER = {"arxiv": {"vanilla": 3.29, "xl": 2.67, "memory-65536+xl": 2.31},
          "pg19": {"vanilla": 13.71, "xl": 12.34, "memory-65536+xl": 11.62}}
 
 
-def byte_documents(paths: list[str], length: int, limit: int) -> list[torch.Tensor]:
-    """Pieces of `length` bytes (UTF-8) of the given files, at most `limit`."""
-    documents: list[torch.Tensor] = []
-    for path in paths:
-        data = torch.tensor(list(corpus.read_text(path).encode("utf-8")), dtype=torch.long)
-        documents += pieces(data, length)
-        if len(documents) >= limit:
-            break
-    return documents[:limit]
+def utf8_bytes(text: str) -> list[int]:
+    """The byte-level tokenizer: UTF-8 bytes (vocab 256)."""
+    return list(text.encode("utf-8"))
 
 
 def configurations(args) -> dict[str, tuple[MemorizingConfig, int]]:
@@ -112,8 +107,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/paper_table_cpu.json")
     args = p.parse_args()
     train_paths, validation_paths = corpus.split(corpus.default_corpus())
-    train_docs = byte_documents(train_paths, args.doc_tokens, args.max_docs)
-    val_docs = byte_documents(validation_paths, args.doc_tokens, args.val_docs)
+    train_docs = document_pieces(train_paths, utf8_bytes, args.doc_tokens, args.max_docs)
+    val_docs = document_pieces(validation_paths, utf8_bytes, args.doc_tokens, args.val_docs)
     configs = configurations(args)
     unknown = set(args.configs or []) - set(configs)
     if unknown:

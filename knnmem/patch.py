@@ -343,22 +343,35 @@ def save_patch(model: nn.Module, directory: str | os.PathLike) -> None:
                  lambda tmp: save_file(tensors, tmp, metadata={"knnmem_patch": json.dumps(handle.settings)}))
 
 
-def load_patch(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle:
-    """Patch `model` with the settings saved by `save_patch` and restore its trained gates and
-    memory scales. Returns the handle (memories start empty)."""
+def read_tensors_and_json(path: str, key: str, kind: str) -> tuple[dict[str, torch.Tensor], object]:
+    """(tensors, the JSON metadata stored under `key`) of a safetensors file; ValueError naming
+    the file as a `kind` if it cannot be read."""
     from safetensors import SafetensorError, safe_open
 
-    path = os.path.join(directory, _PATCH_FILE)
     try:
         with safe_open(path, framework="pt") as f:
-            settings = json.loads((f.metadata() or {}).get("knnmem_patch", "null"))
+            meta = json.loads((f.metadata() or {}).get(key, "null"))
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a readable knnmem patch file: {err}") from err
+        raise ValueError(f"{path} is not a readable {kind}: {err}") from err
+    return tensors, meta
+
+
+def patch_with_settings(model: nn.Module, settings: object, path: str) -> MemoryHandle:
+    """`patch(model, **settings)` for settings read from the file at `path` (`MemoryHandle.settings`),
+    after checking they are keyword arguments of `patch`."""
     allowed = set(inspect.signature(patch).parameters) - {"model", "gate_init"}
     if not isinstance(settings, dict) or not set(settings) <= allowed:
         raise ValueError(f"{path}: settings must be keyword arguments of knnmem.patch, got {settings!r}")
-    handle = patch(model, **settings)
+    return patch(model, **settings)
+
+
+def load_patch(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle:
+    """Patch `model` with the settings saved by `save_patch` and restore its trained gates and
+    memory scales. Returns the handle (memories start empty)."""
+    path = os.path.join(directory, _PATCH_FILE)
+    tensors, settings = read_tensors_and_json(path, "knnmem_patch", "knnmem patch file")
+    handle = patch_with_settings(model, settings, path)
     expected = {f"layer.{m.layer_idx}.{name}": getattr(m, name)
                 for m in _attention_modules(model) if m.layer_idx in handle.layers for name in (_GATE, _SCALE)}
     if set(tensors) != set(expected) or any(tensors[k].shape != p.shape for k, p in expected.items()):

@@ -19,6 +19,8 @@ at position p looks "p tokens into its window" to later readers.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -48,8 +50,10 @@ def undo_rotary(x, cos, sin):
     return _rotate(x, cos, sin, -1.0)
 
 
+@functools.lru_cache(maxsize=16)
 def rope_angles(n: int, dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (1, n, dim) of positions 0..n-1 for `apply_rotary` (Llama's RoPE layout)."""
+    """cos, sin (1, n, dim) of positions 0..n-1 for `apply_rotary` (Llama's RoPE layout).
+    Cached: every layer of a model reads the same window sizes (never modify the results)."""
     inv_freq = base ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
     angles = torch.outer(torch.arange(n, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)[None]

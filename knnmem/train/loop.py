@@ -86,6 +86,20 @@ def pieces(ids: torch.Tensor, length: int) -> list[torch.Tensor]:
     return [ids[i:i + length] for i in range(0, ids.numel() - length + 1, length)]
 
 
+def document_pieces(paths: list[str], encode: Callable[[str], list[int]], length: int,
+                    limit: int | None = None) -> list[torch.Tensor]:
+    """Pieces of `length` tokens (`pieces`) of the files at `paths`, encoded by `encode`, in
+    order, at most `limit` of them."""
+    from ..eval.corpus import read_text
+
+    documents: list[torch.Tensor] = []
+    for path in paths:
+        documents += pieces(torch.tensor(encode(read_text(path)), dtype=torch.long), length)
+        if limit is not None and len(documents) >= limit:
+            return documents[:limit]
+    return documents
+
+
 def _stack(documents: list[torch.Tensor], name: str) -> torch.Tensor:
     if not documents:
         raise ValueError(f"{name}: no documents")

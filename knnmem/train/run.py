@@ -24,7 +24,7 @@ from ..eval.run import check_writable, parse_layers
 from ..patch import patch
 from ..positions import POLICIES
 from ..search import BACKENDS
-from .loop import TrainSettings, perplexity, pieces, train
+from .loop import TrainSettings, document_pieces, perplexity, train
 from .trainable import TRAINABLE, TRAINED_FILE, prepare, read_trained
 
 
@@ -74,16 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _documents(paths: list[str], tokenizer, length: int, limit: int | None) -> list[torch.Tensor]:
-    documents: list[torch.Tensor] = []
-    for path in paths:
-        ids = torch.tensor(tokenizer(corpus.read_text(path), add_special_tokens=False).input_ids, dtype=torch.long)
-        documents += pieces(ids, length)
-        if limit is not None and len(documents) >= limit:
-            return documents[:limit]
-    return documents
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,8 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--layers {args.layers!r}: this model has layers 0..{n_layers - 1}")
     paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
     train_paths, validation_paths = corpus.split(paths)
-    train_docs = _documents(train_paths, tokenizer, args.doc_tokens, args.max_docs)
-    val_docs = _documents(validation_paths, tokenizer, args.doc_tokens, args.val_docs)
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    train_docs = document_pieces(train_paths, encode, args.doc_tokens, args.max_docs)
+    val_docs = document_pieces(validation_paths, encode, args.doc_tokens, args.val_docs)
     if len(train_docs) < args.batch_size * world or not val_docs:
         raise SystemExit(f"knnmem train: {len(train_docs)} training and {len(val_docs)} validation pieces of "
                          f"{args.doc_tokens} tokens; need at least {args.batch_size * world} and 1 "

@@ -12,7 +12,6 @@ freshly loaded model in one call.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ..memory import atomic_write
-from ..patch import MemoryHandle, _attention_modules, patch
+from ..patch import MemoryHandle, _attention_modules, patch_with_settings, read_tensors_and_json
 
 TRAINABLE = ("memory", "attention", "lora")
 TRAINED_FILE = "knnmem_trained.safetensors"
@@ -91,14 +90,7 @@ def save_trained(model: nn.Module, path: str, info: dict) -> None:
 
 def read_trained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, info) of a file written by `save_trained`; ValueError if it is not one."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            info = json.loads((f.metadata() or {}).get("knnmem_trained", "null"))
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not a readable knnmem checkpoint: {err}") from err
+    tensors, info = read_tensors_and_json(path, "knnmem_trained", "knnmem checkpoint")
     if not isinstance(info, dict):
         raise ValueError(f"{path}: no knnmem_trained metadata")
     return tensors, info
@@ -129,11 +121,10 @@ def load_trained(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle
     """
     path = os.path.join(os.fspath(directory), TRAINED_FILE)
     tensors, info = read_trained(path)
-    settings, train = info.get("patch"), info.get("train")
-    allowed = set(inspect.signature(patch).parameters) - {"model"}
-    if not isinstance(settings, dict) or not set(settings) <= allowed or train not in TRAINABLE:
-        raise ValueError(f"{path}: not a fine-tuned retrofit (patch settings {settings!r}, train {train!r})")
-    handle = patch(model, **settings)
+    train = info.get("train")
+    if train not in TRAINABLE:
+        raise ValueError(f"{path}: not a fine-tuned retrofit (train {train!r}, expected one of {TRAINABLE})")
+    handle = patch_with_settings(model, info.get("patch"), path)
     try:
         prepare(model, train, info.get("lora_rank", 8), info.get("lora_alpha", 16.0))
         restore_parameters(model, tensors, path)
