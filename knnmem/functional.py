@@ -113,16 +113,24 @@ def memory_attention(q, memory_keys, memory_values, indices, logits: str, scale:
             and not _needs_grad(q, memory_scale)):
         return _memory_attention_sparse(q, memory_keys, memory_values, indices, logits, scale, memory_scale)
     group = q.shape[1] // memory_keys.shape[1]
-    # Empty slots get probability 0 below, so they need not be zeroed here.
-    mem_k = gather_rows(memory_keys.detach(), indices, group, zero_empty=False).to(q.dtype)
-    mem_v = gather_rows(memory_values.detach(), indices, group, zero_empty=False).to(q.dtype)
+    # Empty slots get probability 0 in attend_rows, so they need not be zeroed here.
+    mem_k = gather_rows(memory_keys.detach(), indices, group, zero_empty=False)
+    mem_v = gather_rows(memory_values.detach(), indices, group, zero_empty=False)
+    return attend_rows(q, mem_k, mem_v, indices >= 0, logits, scale, memory_scale)
+
+
+def attend_rows(q, rows_k, rows_v, valid, logits: str, scale: float,
+                memory_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over its own k rows. q: (B, Hq, T, D); rows_k, rows_v:
+    (B, Hq, T, k, D); valid: (B, Hq, T, k) bool. Returns (out (B, Hq, T, D), lse (B, Hq, T))."""
+    rows_k, rows_v = rows_k.to(q.dtype), rows_v.to(q.dtype)
     if logits == "normalized":
-        scores = torch.einsum("bhtd,bhtkd->bhtk", F.normalize(q, dim=-1), mem_k)
+        scores = torch.einsum("bhtd,bhtkd->bhtk", F.normalize(q, dim=-1), rows_k)
         scores = scores * memory_scale.to(q.dtype)[None, :, None, None]
     else:
-        scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) * scale
-    probs, lse = masked_softmax(scores, indices >= 0)
-    return torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v), lse
+        scores = torch.einsum("bhtd,bhtkd->bhtk", q, rows_k) * scale
+    probs, lse = masked_softmax(scores, valid)
+    return torch.einsum("bhtk,bhtkd->bhtd", probs, rows_v), lse
 
 
 def _memory_attention_sparse(q, memory_keys, memory_values, indices, logits: str, scale: float,

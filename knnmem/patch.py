@@ -11,6 +11,9 @@ patched layers, on each forward call:
 3. attend locally and to memory through `knn_attention`,
 4. write the segment's (un-rotated) keys and values into memory, skipping padding tokens.
 
+A knowledge memory (`MemoryHandle.memorize`, `knnmem.knowledge`) is read at step 2-3 as well:
+reference texts memorised once, kept across documents, shared by all batch rows.
+
 Batch rows are separate documents. Memory state lives in the handle, one store per patched
 layer, so `model.generate()` works unchanged.
 """
@@ -24,11 +27,13 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .functional import LOGITS, MODES, knn_attention
+from .functional import LOGITS, MODES, combine, knn_attention, local_attention, masked_softmax, memory_attention
+from .knowledge import KnowledgeMemory, Storage
 from ._checks import check_positive_int
 from .memory import KNNMemory, atomic_write, check_memory_options, memory_for_batch
 from .positions import POLICIES, RotaryPlacement
@@ -72,6 +77,8 @@ class MemoryHandle:
         self.last_indices: dict[int, torch.Tensor] = {}  # layer -> (B, Hq, T, topk) of the last call
         self.write_first: int | None = None  # None: every call writes all its new tokens
         self.training: dict | None = None  # what knnmem.train.prepare made trainable (saved with it)
+        self._knowledge: KnowledgeMemory | None = None
+        self._memorizing: _Collecting | None = None  # what memorize() collects of a text
 
     # ------------------------------------------------------------------ user API
     def reset(self, rows: int | list[int] | None = None) -> None:
@@ -113,6 +120,7 @@ class MemoryHandle:
             "stored_per_row": {i: m.counts.tolist() for i, m in sorted(self.memories.items())},
             "backend": {i: m.backend for i, m in sorted(self.memories.items())},
             "bytes": sum(m.keys.nbytes + m.values.nbytes for m in self.memories.values()),
+            "knowledge": repr(self._knowledge) if self._knowledge is not None else None,
         }
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -166,6 +174,96 @@ class MemoryHandle:
             memories[int(layer)] = memory
         self.memories = memories
 
+    # ------------------------------------------------------------------ knowledge memory
+    @property
+    def knowledge(self) -> KnowledgeMemory | None:
+        """The knowledge memory read by every memory layer besides the document memory (None: none).
+        Assign a `KnowledgeMemory` (e.g. `KnowledgeMemory.load(path)`) or None; `reset()` keeps it."""
+        return self._knowledge
+
+    @knowledge.setter
+    def knowledge(self, memory: KnowledgeMemory | None) -> None:
+        if memory is not None:
+            if not isinstance(memory, KnowledgeMemory):
+                raise TypeError(f"knowledge must be a KnowledgeMemory or None, got {type(memory).__name__}")
+            expected = {"kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                        "normalize": self.logits == "normalized", "model": self.fingerprint()}
+            for field, value in expected.items():
+                if getattr(memory, field) != value:
+                    raise ValueError(f"this knowledge memory has {field}={getattr(memory, field)!r}, this patched model "
+                                     f"needs {value!r}: it was memorised by another model or patch")
+            if not set(memory.layers) <= set(self.layers):
+                raise ValueError(f"this knowledge memory serves layers {memory.layers}, this model is patched at {self.layers}")
+        self._knowledge = memory
+
+    def fingerprint(self) -> str:
+        """What knowledge depends on: the model (type, shape, a checksum of its embeddings) and where
+        stored keys are placed; knowledge written under another fingerprint is refused."""
+        config, weight = self.model.config, self.model.get_input_embeddings().weight
+        checksum = float(weight.detach().flatten()[:65536].double().sum())
+        placement = (self.placement.policy, self.placement.distance) if self.placement else None
+        return (f"{config.model_type}/{config.num_hidden_layers}x{config.hidden_size}/{checksum:.9e}/"
+                f"placement={placement}")
+
+    @torch.no_grad()
+    def memorize(self, texts, tokenizer=None, *, storage: str | Storage = "fp16", window: int | None = None,
+                 progress: bool = True) -> KnowledgeMemory:
+        """Read reference texts into the knowledge memory (created on first use, with `storage`).
+
+        texts: one item or a list; an item is a text (str), a file (os.PathLike, read as UTF-8) or
+            token ids (a 1-D integer tensor or a list of ints). Strings and files need `tokenizer`.
+        storage: "fp16", "sparse", "pq" or a `Storage` with options (`knnmem.knowledge`); it must match
+            the existing knowledge memory's. window: tokens read at once (default: the model's
+            context, at most 2048); each window of a text attends only to itself.
+        Each text is read alone, with local attention only: the document memory is untouched. The
+        texts' keys and values are held until the call ends: memorise a large corpus in several calls.
+        """
+        storage = Storage(storage) if isinstance(storage, str) else storage
+        if not isinstance(storage, Storage):
+            raise TypeError(f"storage must be one of {('fp16', 'sparse', 'pq')} or a Storage, got {storage!r}")
+        storage.check(self.head_dim)
+        if window is None:
+            window = min(2048, getattr(self.model.config, "max_position_embeddings", None) or 2048)
+        check_positive_int("window", window)
+        if self._knowledge is not None and self._knowledge.storage != storage:
+            raise ValueError(f"the knowledge memory stores {self._knowledge.storage}, not {storage}: "
+                             "memorize with the same storage, or set handle.knowledge = None to start another")
+        items = [token_ids(item, tokenizer) for item in ([texts] if isinstance(texts, (str, os.PathLike, torch.Tensor))
+                                                         or _is_id_list(texts) else list(texts))]
+        if not items:
+            raise ValueError("memorize got no texts")
+        device = next(self.model.parameters()).device
+        knowledge = self._knowledge or KnowledgeMemory(self.layers, self.kv_heads, self.head_dim,
+                                                       self.logits == "normalized", storage, self.fingerprint(), device)
+        from tqdm import tqdm
+
+        collected = []
+        for ids in tqdm(items, desc="memorize", unit="text", disable=not progress):
+            self._memorizing = _Collecting(storage.form == "sparse", {layer: [] for layer in self.layers})
+            try:
+                for start in range(0, ids.numel(), window):
+                    self.model(ids[None, start:start + window].to(device), use_cache=False)
+                if any(not pieces for pieces in self._memorizing.parts.values()):
+                    raise RuntimeError("memorize: not every memory layer ran (is this the patched model?)")
+                collected.append({layer: tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
+                              for layer, pieces in self._memorizing.parts.items()})
+            finally:
+                self._memorizing = None
+        knowledge.add(collected)  # all at once: PQ learns its codebooks from the first call's texts
+        self._knowledge = knowledge
+        return knowledge
+
+    def _collect(self, layer: int, query, key, store_k, value, scaling: float) -> None:
+        """memorize(): keep a window's keys/values of `layer` and the attention each key received
+        (summed over the queries of its KV head's group)."""
+        H, T = key.shape[1], key.shape[2]
+        received = torch.zeros(H, T, device=key.device)
+        if self._memorizing.importance:  # only the sparse form needs it
+            group = query.shape[1] // H
+            probs, _ = _causal_probs(query[0], key[0].repeat_interleave(group, dim=0), scaling)
+            received = probs.sum(dim=1).reshape(H, group, T).sum(dim=1)
+        self._memorizing.parts[layer].append((store_k[0].detach().float(), value[0].detach().float(), received))
+
     # ------------------------------------------------------------------ the attention step
     def _memory(self, layer: int, batch: int, heads: int, head_dim: int, device: torch.device) -> KNNMemory:
         self.memories[layer] = memory_for_batch(
@@ -185,23 +283,103 @@ class MemoryHandle:
         else:  # a real token attends to itself; padding attends to nothing
             t = torch.arange(T, device=query.device)
             real = attention_mask.expand(B, -1, -1, -1)[:, 0, t, S - T + t]
+        if self._memorizing is not None:  # memorize(): local attention only, keys go to knowledge
+            if T != S or B != 1:
+                raise RuntimeError("memorize reads one text at a time without a KV cache")
+            store_k = key if self.placement is None else self.placement.stored_keys(key, position_ids, S)
+            self._collect(module.layer_idx, query, key, store_k, value, scaling)
+            out, _ = local_attention(query, key, value, scaling, attention_mask)
+            return out.to(query.dtype).transpose(1, 2).contiguous(), None
         memory = self._memory(module.layer_idx, B, key.shape[1], D, query.device)
+        knowledge = self._knowledge
+        reads_knowledge = knowledge is not None and len(knowledge) > 0 and module.layer_idx in knowledge.layers
+        memory_q = query
+        if self.placement is not None and (len(memory) or reads_knowledge):
+            memory_q = self.placement.memory_query(query, position_ids, S)
         if len(memory):
-            memory_q = query if self.placement is None else self.placement.memory_query(query, position_ids, S)
             _, indices = memory.search(memory_q.detach(), self.topk)
-        else:  # nothing to retrieve: no placement, no search
-            memory_q, indices = query, torch.full((B, Hq, T, self.topk), -1, dtype=torch.long, device=query.device)
+        else:  # nothing to retrieve: no search
+            indices = torch.full((B, Hq, T, self.topk), -1, dtype=torch.long, device=query.device)
         self.last_indices[module.layer_idx] = indices
-        out = knn_attention(
-            query, key, value, memory.keys, memory.values, indices.to(query.device),
-            getattr(module, _GATE), scale=scaling, memory_scale=getattr(module, _SCALE),
-            mode=self.mode, logits=self.logits, attention_mask=attention_mask, memory_q=memory_q,
-        )
+        gate, memory_scale = getattr(module, _GATE), getattr(module, _SCALE)
+        if reads_knowledge:
+            known = knowledge.attend(module.layer_idx, memory_q, self.topk, self.logits, scaling, memory_scale)
+            out = self._attend_with_knowledge(query, key, value, memory, indices, memory_q, known, gate,
+                                              memory_scale, scaling, attention_mask)
+        else:
+            out = knn_attention(
+                query, key, value, memory.keys, memory.values, indices.to(query.device), gate, scale=scaling,
+                memory_scale=memory_scale, mode=self.mode, logits=self.logits, attention_mask=attention_mask,
+                memory_q=memory_q,
+            )
         n = T if self.write_first is None else min(self.write_first, T)
         if n:
             store_k = new_k if self.placement is None else self.placement.stored_keys(new_k, position_ids, S)
             memory.add(store_k[:, :, :n].detach(), new_v[:, :, :n].detach(), mask=real[:, :n])
         return out.transpose(1, 2).contiguous(), None
+
+
+    def _attend_with_knowledge(self, query, key, value, memory, indices, memory_q, known, gate, memory_scale,
+                               scaling, attention_mask):
+        """Attention over the local window, the document's memories and the knowledge memory's.
+        joint: one softmax over all three (the two memory branches through their lse).
+        gate: the memory branch is one softmax over both memories' retrievals, gated against local."""
+        known_out, known_lse = known
+        if self.mode == "joint":
+            out, local_lse, memory_lse = knn_attention(
+                query, key, value, memory.keys, memory.values, indices.to(query.device), scale=scaling,
+                memory_scale=memory_scale, mode="joint", logits=self.logits, attention_mask=attention_mask,
+                memory_q=memory_q, return_lse=True)
+            both = torch.logaddexp(local_lse, memory_lse)
+            return combine(out.float(), both, known_out.float(), known_lse.float(), "joint", None).to(query.dtype)
+        compute = torch.promote_types(query.dtype, torch.float32)
+        local_out, _ = local_attention(query.to(compute), key.to(compute), value.to(compute), scaling, attention_mask)
+        doc_out, doc_lse = memory_attention(memory_q.to(compute), memory.keys, memory.values, indices.long(),
+                                            self.logits, scaling, memory_scale)
+        memory_out = combine(doc_out, doc_lse, known_out.to(compute), known_lse.to(compute), "joint", None)
+        memory_lse = torch.logaddexp(doc_lse, known_lse.to(compute))
+        return combine(local_out, None, memory_out, memory_lse, "gate", gate).to(query.dtype)
+
+
+@dataclass
+class _Collecting:
+    """What `memorize` collects while a text is read: per layer, a (keys, values, importance) per window."""
+
+    importance: bool  # also the attention each key received (the sparse form selects by it)
+    parts: dict[int, list]
+
+
+def _causal_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention probabilities of one window: q, k (H, T, D) -> ((H, T, T), lse)."""
+    T = q.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return masked_softmax((q.float() @ k.float().transpose(-1, -2)) * scale, causal)
+
+
+def token_ids(item, tokenizer) -> torch.Tensor:
+    """One text for memorize: str (tokenised), os.PathLike (a UTF-8 file, tokenised), a 1-D integer
+    tensor or a list of ints -> a 1-D int64 tensor of at least one token."""
+    if isinstance(item, os.PathLike):
+        with open(item, encoding="utf-8") as f:
+            item = f.read()
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError("memorize needs a tokenizer for texts and files (or give token ids)")
+        ids = torch.tensor(tokenizer(item, add_special_tokens=False).input_ids, dtype=torch.long)
+    elif isinstance(item, torch.Tensor) and item.ndim == 1 and not item.is_floating_point() and item.dtype != torch.bool:
+        ids = item.long()
+    elif _is_id_list(item):
+        ids = torch.tensor(item, dtype=torch.long)
+    else:
+        raise TypeError(f"memorize takes texts (str), files (os.PathLike) or token ids (1-D integer tensor or list "
+                        f"of ints), got {type(item).__name__}")
+    if ids.numel() == 0:
+        raise ValueError("memorize got an empty text")
+    return ids
+
+
+def _is_id_list(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
 def _knnmem_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
