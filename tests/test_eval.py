@@ -172,3 +172,43 @@ def test_passkey_harness_scores_an_oracle_perfectly_and_a_memoryless_tiny_model_
         answer = model_answerer(model, tokenizer, config, segment=64, max_memories=512, topk=4)
         table = evaluate(answer, tokenizer, lengths=[300], depths=[0.2, 0.8], trials=2)
         assert all(acc == 0.0 for row in table.values() for acc in row.values())  # 1e-5 chance per key
+
+
+def test_recall_task_end_to_end(tiny_model_dir, tmp_path):
+    from knnmem.eval.recall import documents, questions, unicode_facts
+
+    facts = unicode_facts(8, seed=0)
+    assert facts == unicode_facts(8, seed=0) and facts != unicode_facts(8, seed=1)  # seeded
+    asked = questions(facts, choices=3, seed=0)
+    assert [c[0] for _, c in asked] == [code for _, code in facts] and all(len(set(c)) == 3 for _, c in asked)
+    assert all(f"U+{code}." in text for text, chunk in zip(documents(facts, 4), (facts[:4], facts[4:]))
+               for _, code in chunk)
+    model_dir, _ = tiny_model_dir
+    out = tmp_path / "recall.json"
+    eval_main(["--task", "recall", "--model", model_dir, "--facts", "8", "--facts-per-document", "4", "--choices", "3",
+               "--pq-m", "4", "--pq-bits", "4", "--sparse-keep", "4", "--sparse-chunk", "16", "--adapter-steps", "3",
+               "--json", str(out), "--device", "cpu"])
+    result = json.loads(out.read_text())
+    configs = result["configs"]
+    assert list(configs) == ["none", "prompt", "knowledge-fp16", "knowledge-sparse", "knowledge-pq", "adapter"]
+    assert all(0 <= c["accuracy"] <= 1 and c["seconds_per_question"] > 0 for c in configs.values())
+    assert configs["prompt"]["prompt_tokens"] > configs["none"]["prompt_tokens"] + result["memorised_tokens"]
+    assert configs["knowledge-fp16"]["prompt_tokens"] == configs["none"]["prompt_tokens"]
+    fp16 = 2 * 2 * 2 * 8 * 2  # layers x KV heads x (key, value) x head dim x 2 bytes
+    assert configs["knowledge-fp16"]["bytes_per_token"] == fp16
+    assert configs["knowledge-pq"]["bytes_per_token"] == 2 * 2 * 2 * 4 * 4 / 8
+    assert configs["knowledge-sparse"]["bytes_per_token"] < fp16 / 2
+    assert os.path.exists(tmp_path / "recall.png")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--facts", "0"], "--facts must be a positive integer"),
+    (["--choices", "1"], "--choices must be in"),
+    (["--facts", "100000"], "--facts must be in"),
+    (["--sparse-keep", "200"], "keep (200) must be at most chunk"),
+    (["--pq-m", "3", "--configs", "knowledge-pq"], "--pq-m must divide"),
+])
+def test_recall_rejects_bad_options(tiny_model_dir, tmp_path, options, message, capsys):
+    with pytest.raises(SystemExit):
+        eval_main(["--task", "recall", "--model", tiny_model_dir[0], "--json", str(tmp_path / "r.json"), *options])
+    assert message in capsys.readouterr().err

@@ -4,6 +4,7 @@
     knnmem eval --data 'docs/**/*.txt' --max-docs 8 --configs none xl+memory
     knnmem eval --configs none xl+memory --memory-sweep 512 1024 2048 4096
     knnmem eval --checkpoint runs/train           # memory configs use a retrofit fine-tuned by knnmem train
+    knnmem eval --task recall                     # facts memorised once, asked later (knnmem.eval.recall)
     torchrun --nproc-per-node 2 -m knnmem.eval    # documents split across processes
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .model import start_command
 from .report import print_table, save_plot, write_json
 from .scoring import KINDS, local_context, score_document, uses_memory
 
+TASKS = ("perplexity", "recall")
 DEFAULT_CONFIGS = ["none", "xl", "long", "xl+memory"]
 # Memory settings a fine-tuned checkpoint fixes (it was trained with them).
 CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "layers", "mode", "position", "distance",
@@ -53,6 +55,8 @@ def parse_layers(text: str) -> list[int] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="perplexity",
+                   help="perplexity (this page) or recall (see knnmem eval --task recall --help)")
     p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+", help="files, directories or globs (default: largest stdlib .py files)")
     p.add_argument("--split", choices=["validation", "train", "all"], default=None,
@@ -177,6 +181,12 @@ def memory_for(model, args, size: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=TASKS, default="perplexity")
+    if task.parse_known_args(argv)[0].task == "recall":
+        from .recall import main as recall
+
+        return recall(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
