@@ -34,3 +34,11 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_metadata_fields(meta: dict, fields: dict[str, type]) -> None:
+    """Raise ValueError unless each metadata field is present and of its type (bools are not ints)."""
+    for name, kind in fields.items():
+        value = meta.get(name)
+        if value is None or isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ValueError(f"metadata field {name!r} must be a {kind.__name__}, got {value!r}")

@@ -105,8 +105,8 @@ def train_adapter(model: nn.Module, documents: list[torch.Tensor], settings: Tra
 
     The documents are joined into one token stream and cut into training pieces of `piece_length`
     tokens (default: settings.segment + settings.context + 1; the tail is a last piece ending with
-    the stream). Returns the training log. The
-    model's other parameters get back their previous requires_grad afterwards.
+    the stream). Returns the training log. The model's other parameters get back their previous
+    requires_grad afterwards.
     """
     adapter = attached(model)
     if adapter is None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive_int
+from ._checks import check_metadata_fields, check_positive_int
 from .functional import attend_rows
 from .memory import atomic_write, gather_rows
 from .search import exact_search
@@ -123,7 +123,7 @@ class _DenseLayer:
 class _PQLayer:
     """Keys and values of one layer as FAISS product-quantisation codes, one index pair per head."""
 
-    def __init__(self, heads: int, head_dim: int, device: torch.device, m: int, bits: int) -> None:
+    def __init__(self, heads: int, head_dim: int, m: int, bits: int) -> None:
         def index() -> faiss.IndexPQ:
             pq = faiss.IndexPQ(head_dim, m, bits, faiss.METRIC_INNER_PRODUCT)
             pq.pq.cp.min_points_per_centroid = 1  # we check the count ourselves; no warning
@@ -131,7 +131,7 @@ class _PQLayer:
 
         self.key_index = [index() for _ in range(heads)]
         self.value_index = [index() for _ in range(heads)]
-        self.device, self.bits = device, bits
+        self.bits = bits
 
     def __len__(self) -> int:
         return self.key_index[0].ntotal
@@ -240,7 +240,7 @@ class KnowledgeMemory:
 
     def _new_store(self, device: torch.device):
         if self.storage.form == "pq":
-            return _PQLayer(self.kv_heads, self.head_dim, device, self.storage.pq_m, self.storage.pq_bits)
+            return _PQLayer(self.kv_heads, self.head_dim, self.storage.pq_m, self.storage.pq_bits)
         return _DenseLayer(self.kv_heads, self.head_dim, device)
 
     def __len__(self) -> int:
@@ -347,10 +347,7 @@ def _from_metadata(meta: object, device) -> KnowledgeMemory:
         raise ValueError(f"not a knnmem knowledge file of format {_FORMAT_VERSION}")
     fields = {"layers": list, "kv_heads": int, "head_dim": int, "normalize": bool, "storage": dict, "model": str,
               "tokens": int, "texts": int}
-    for name, kind in fields.items():
-        value = meta.get(name)
-        if value is None or isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ValueError(f"metadata field {name!r} must be a {kind.__name__}, got {value!r}")
+    check_metadata_fields(meta, fields)
     layers = meta["layers"]
     if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
         raise ValueError(f"metadata field 'layers' must be a non-empty list of layer indices, got {layers!r}")

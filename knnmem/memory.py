@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ._checks import check_dim, check_finite, check_floating, check_positive_int, check_tensor
+from ._checks import check_dim, check_finite, check_floating, check_metadata_fields, check_positive_int, check_tensor
 from .search import BACKENDS, auto_backend, make_backend
 
 _FORMAT_VERSION = 2
@@ -284,10 +284,7 @@ def _validated_metadata(raw: str, tensors: dict[str, torch.Tensor]) -> dict:
         raise ValueError(f"unsupported format_version {meta.get('format_version')!r} (expected {_FORMAT_VERSION})")
     fields = {"batch_size": int, "heads": int, "head_dim": int, "max_memories": int, "pinned": int,
               "normalize": bool, "backend": str, "backend_options": dict, "dtype": str}
-    for name, kind in fields.items():
-        value = meta.get(name)
-        if value is None or isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ValueError(f"metadata field {name!r} must be a {kind.__name__}, got {value!r}")
+    check_metadata_fields(meta, fields)
     for name in ("batch_size", "heads", "head_dim", "max_memories"):
         if meta[name] <= 0:
             raise ValueError(f"metadata field {name!r} must be positive, got {meta[name]}")
