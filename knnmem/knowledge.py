@@ -23,14 +23,13 @@ import os
 from dataclasses import asdict, dataclass
 
 import faiss
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_metadata_fields, check_positive_int
 from .functional import attend_rows
 from .memory import atomic_write, gather_rows
-from .search import exact_search
+from .search import as_numpy, exact_search
 
 FORMS = ("fp16", "sparse", "pq")
 _FORMAT_VERSION = 1
@@ -138,7 +137,7 @@ class _PQLayer:
 
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         for h, (key_index, value_index) in enumerate(zip(self.key_index, self.value_index)):
-            k, v = _numpy(keys[h]), _numpy(values[h])
+            k, v = as_numpy(keys[h]), as_numpy(values[h])
             if not key_index.is_trained:
                 if len(k) < 2 ** self.bits:
                     raise ValueError(f"pq storage with pq_bits={self.bits} learns its codebooks from the texts of the "
@@ -158,7 +157,7 @@ class _PQLayer:
         rows_v = torch.zeros_like(rows_k)
         valid = torch.zeros(H, group * N, k, dtype=torch.bool)
         for h in range(H):
-            _, ids = self.key_index[h].search(_numpy(grouped[h]), k)
+            _, ids = self.key_index[h].search(as_numpy(grouped[h]), k)
             found = ids >= 0
             valid[h] = torch.from_numpy(found)
             rows_k[h][valid[h]] = torch.from_numpy(self.key_index[h].reconstruct_batch(ids[found]))
@@ -197,10 +196,6 @@ class _PQLayer:
                 indexes[h] = index
         if len({i.ntotal for i in self.key_index + self.value_index}) != 1:
             raise ValueError("the key and value indexes of a layer must hold the same number of tokens")
-
-
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
 
 
 def sparsify(keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor, keep: int, chunk: int):

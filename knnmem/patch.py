@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functional import LOGITS, MODES, combine, knn_attention, local_attention, masked_softmax, memory_attention
+from .functional import (LOGITS, MODES, combine, knn_attention, local_allowed, local_attention, masked_softmax,
+                         memory_attention)
 from .knowledge import KnowledgeMemory, Storage
 from ._checks import check_positive_int
 from .memory import KNNMemory, atomic_write, check_memory_options, memory_for_batch
@@ -260,7 +261,8 @@ class MemoryHandle:
         received = torch.zeros(H, T, device=key.device)
         if self._memorizing.importance:  # only the sparse form needs it
             group = query.shape[1] // H
-            probs, _ = _causal_probs(query[0], key[0].repeat_interleave(group, dim=0), scaling)
+            logits = (query[0].float() @ key[0].float().repeat_interleave(group, dim=0).transpose(-1, -2)) * scaling
+            probs, _ = masked_softmax(logits, local_allowed(T, T, None, key.device)[0])  # causal
             received = probs.sum(dim=1).reshape(H, group, T).sum(dim=1)
         self._memorizing.parts[layer].append((store_k[0].detach().float(), value[0].detach().float(), received))
 
@@ -347,13 +349,6 @@ class _Collecting:
 
     importance: bool  # also the attention each key received (the sparse form selects by it)
     parts: dict[int, list]
-
-
-def _causal_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal softmax attention probabilities of one window: q, k (H, T, D) -> ((H, T, T), lse)."""
-    T = q.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return masked_softmax((q.float() @ k.float().transpose(-1, -2)) * scale, causal)
 
 
 def token_ids(item, tokenizer) -> torch.Tensor:

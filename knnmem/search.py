@@ -92,7 +92,7 @@ def _faiss_results(D: np.ndarray, I: np.ndarray, device: torch.device) -> tuple[
     return scores.to(device), indices.to(device)
 
 
-def _as_numpy(x: torch.Tensor) -> np.ndarray:
+def as_numpy(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
 
 
@@ -148,7 +148,7 @@ class FlatBackend(SearchBackend):
                 continue
             for h in range(H):
                 D, I = faiss.knn(
-                    _as_numpy(queries[b, h]), _as_numpy(mem.keys[b, h, :count]), min(k, count),
+                    as_numpy(queries[b, h]), as_numpy(mem.keys[b, h, :count]), min(k, count),
                     metric=faiss.METRIC_INNER_PRODUCT,
                 )
                 s, i = _faiss_results(D, I, queries.device)
@@ -228,7 +228,7 @@ class _PerRowHeadIndexes(SearchBackend):
                     s, i = exact_search(mem.keys[b : b + 1, h : h + 1], counts, queries[b : b + 1, h : h + 1], k)
                     scores[b, h], indices[b, h] = s[0, 0], i[0, 0]
                     continue
-                D, I = self._search_row_head(index, _as_numpy(queries[b, h]), k)
+                D, I = self._search_row_head(index, as_numpy(queries[b, h]), k)
                 scores[b, h], indices[b, h] = _faiss_results(D, I, queries.device)
         return scores, indices
 
@@ -254,7 +254,7 @@ class IVFBackend(_PerRowHeadIndexes):
     def _build(self, row: int, h: int) -> faiss.Index:
         mem = self.memory
         count = int(mem.counts[row])
-        data = _as_numpy(mem.keys[row, h, :count])
+        data = as_numpy(mem.keys[row, h, :count])
         nlist = max(1, min(self.nlist, count // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(mem.head_dim), mem.head_dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.min_points_per_centroid = 1  # we choose nlist from the count ourselves; no warning
@@ -282,7 +282,7 @@ class IVFBackend(_PerRowHeadIndexes):
         for h, index in enumerate(self.indexes[row]):
             if overwrote:
                 index.remove_ids(ids)
-            index.add_with_ids(_as_numpy(mem.keys[row, h, slots.to(mem.keys.device)]), ids)
+            index.add_with_ids(as_numpy(mem.keys[row, h, slots.to(mem.keys.device)]), ids)
 
     @staticmethod
     def _ids(index):
@@ -324,7 +324,7 @@ class HNSWBackend(_PerRowHeadIndexes):
             slots = torch.arange(int(mem.counts[row]))
         for h, index in enumerate(self.indexes[row]):
             assert index.ntotal == int(slots[0]), "HNSW ids must equal slots"  # invariant
-            index.add(_as_numpy(mem.keys[row, h, slots.to(mem.keys.device)]))
+            index.add(as_numpy(mem.keys[row, h, slots.to(mem.keys.device)]))
 
     def _search_row_head(self, index, q, k):
         index.hnsw.efSearch = max(self.ef_search, k)
