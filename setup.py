@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder but install as knnmem.kernels,
     # so that `import kernels` never clashes with another package.
-    packages=["knnmem", "knnmem.eval", "knnmem.train", "knnmem.kernels"],
+    packages=["knnmem", "knnmem.commands", "knnmem.eval", "knnmem.train", "knnmem.kernels"],
     package_dir={"knnmem.kernels": "kernels"},
     install_requires=[
         # A range, not a pin: GPU machines bring their own torch. On a CPU machine the README

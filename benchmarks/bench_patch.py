@@ -22,7 +22,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, timed, write_json  # noqa: E402
 
 import knnmem  # noqa: E402
-from knnmem.eval import corpus  # noqa: E402
+from knnmem import corpus  # noqa: E402
 from knnmem.eval.model import load_model  # noqa: E402
 
 

@@ -30,9 +30,9 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, write_json  # noqa: E402
 
 from knnmem import MemorizingConfig, MemorizingTransformer  # noqa: E402
-from knnmem.eval import corpus  # noqa: E402
+from knnmem import corpus  # noqa: E402
+from knnmem.corpus import document_pieces  # noqa: E402
 from knnmem.train import TrainSettings, perplexity, train  # noqa: E402
-from knnmem.train.loop import document_pieces  # noqa: E402
 
 # The paper's numbers for these rows (perplexity, 12-layer models, Table 4 / Figure 1), quoted
 # for comparison: vanilla -> XL -> memory 65K + XL.

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from knnmem.eval.run import main as eval_main
+from knnmem.commands.eval import main as eval_main
 
 SETTINGS = {
     "default (all layers, constant 512, k=32, joint)": [],

@@ -3,7 +3,8 @@ from .layer import CausalAttention, KNNAttention
 from .knowledge import KnowledgeMemory, Storage
 from .memory import KNNMemory
 from .models import MemorizingConfig, MemorizingTransformer
-from .patch import MemoryHandle, load_patch, memory_parameters, patch, save_patch, unpatch
+from .handle import MemoryHandle
+from .patch import load_patch, memory_parameters, patch, save_patch, unpatch
 from .train.trainable import load_trained
 
 __all__ = ["CausalAttention", "KNNAttention", "KNNMemory", "KnowledgeMemory", "MemorizingConfig", "MemorizingTransformer",

@@ -1,5 +1,10 @@
-"""Input validation shared by the public entry points: every message names the argument."""
+"""Input validation shared by the public entry points: every message names the argument.
+
+Public entries check their arguments once with these; inner calls trust what was checked."""
 from __future__ import annotations
+
+import math
+from collections.abc import Collection
 
 import torch
 
@@ -30,15 +35,38 @@ def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, shape_doc: st
         )
 
 
+def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` if it is an int (not a bool) in [minimum, maximum] (either bound may be None)."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return value
+    if minimum is not None and maximum is not None:
+        wanted = f"an integer in [{minimum}, {maximum}]"
+    elif minimum == 1:
+        wanted = "a positive integer"
+    elif minimum == 0:
+        wanted = "a non-negative integer"
+    elif minimum is not None:
+        wanted = f"an integer >= {minimum}"
+    else:
+        wanted = "an integer" if maximum is None else f"an integer <= {maximum}"
+    raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
 def check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return check_int(name, value, minimum=1)
 
 
-def check_metadata_fields(meta: dict, fields: dict[str, type]) -> None:
-    """Raise ValueError unless each metadata field is present and of its type (bools are not ints)."""
-    for name, kind in fields.items():
-        value = meta.get(name)
-        if value is None or isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ValueError(f"metadata field {name!r} must be a {kind.__name__}, got {value!r}")
+def check_choice(name: str, value: object, choices: Collection) -> object:
+    """`value` if it is one of `choices`."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_number(name: str, value: object, allow_inf: bool = False) -> float:
+    """`value` as a float if it is a real number (not a bool), finite unless `allow_inf`; never NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or \
+            (not allow_inf and math.isinf(value)):
+        raise ValueError(f"{name} must be a {'number' if allow_inf else 'finite number'}, got {value!r}")
+    return float(value)

@@ -4,7 +4,7 @@
 
 It is the baseline the knowledge memory is compared with (`knnmem eval --task recall`): the base
 model stays frozen and only the adapter is trained, on the documents it should memorise
-(`train_adapter`, through the `knnmem.train` loop). The gate starts at 0, so an attached,
+(`knnmem.train.train_adapter`). The gate starts at 0, so an attached,
 untrained adapter leaves the model's outputs unchanged; `detach` restores the model bit for bit.
 """
 from __future__ import annotations
@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from ._checks import check_positive_int
-from .patch import SUPPORTED_MODEL_TYPES
-from .train.loop import TrainSettings, pieces, train
+from . import hf
 
 _ATTRIBUTE = "residual_memory"
 
@@ -38,15 +37,8 @@ class ResidualMemory(nn.Module):
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a GPT-2, GPT-NeoX/Pythia or Llama-family model of transformers."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"ResidualMemory attaches to transformers models of types {SUPPORTED_MODEL_TYPES}, "
-                        f"got {type(model).__name__} (model_type={model_type!r})")
-    n = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise TypeError(f"found no list of {n} decoder blocks in {type(model).__name__}")
+    hf.check_supported(model, "ResidualMemory")
+    return hf.decoder_blocks(model)
 
 
 def default_layer(n_layers: int) -> int:
@@ -96,37 +88,3 @@ def detach(model: nn.Module) -> ResidualMemory:
             delattr(block, _ATTRIBUTE)
             return adapter
     raise ValueError("this model has no ResidualMemory attached")
-
-
-def train_adapter(model: nn.Module, documents: list[torch.Tensor], settings: TrainSettings,
-                  piece_length: int | None = None, progress: bool = True) -> dict:
-    """Memorise `documents` (1-D token tensors of any lengths) into the model's attached
-    ResidualMemory, with every other parameter frozen, through the `knnmem.train` loop.
-
-    The documents are joined into one token stream and cut into training pieces of `piece_length`
-    tokens (default: settings.segment + settings.context + 1; the tail is a last piece ending with
-    the stream). Returns the training log. The model's other parameters get back their previous
-    requires_grad afterwards.
-    """
-    adapter = attached(model)
-    if adapter is None:
-        raise ValueError("train_adapter needs a model with a ResidualMemory attached (knnmem.adapters.attach)")
-    if not documents or any(not isinstance(d, torch.Tensor) or d.ndim != 1 for d in documents):
-        raise ValueError("documents must be a non-empty list of 1-D token tensors")
-    length = piece_length or settings.segment + settings.context + 1
-    stream = torch.cat([d.long() for d in documents])
-    if stream.numel() < length:
-        raise ValueError(f"the documents hold {stream.numel()} tokens, fewer than one piece of {length}")
-    chunks = pieces(stream, length)
-    if stream.numel() % length:  # the tail, as a last piece that ends with the stream
-        chunks.append(stream[-length:])
-    own = {id(p) for p in adapter.parameters()}
-    previous = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in own)
-        return train(model, chunks, settings, progress=progress)
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(previous[name])
-        model.eval()

@@ -14,9 +14,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     if argv[0] == "eval":
-        from .eval.run import main as run
+        from .commands.eval import main as run
     elif argv[0] == "passkey":
-        from .eval.passkey import main as run
+        from .commands.passkey import main as run
     else:
-        from .train.run import main as run
+        from .commands.train import main as run
     run(argv[1:])

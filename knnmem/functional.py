@@ -17,6 +17,13 @@ The branches are combined by `mode`:
   no memory gets the local output.
 - `joint`: one softmax over memory and local keys together, computed exactly from the two
   branches' log-sum-exps: out = w_l * local + w_m * memory, w_x = exp(lse_x - logaddexp(lse_l, lse_m)).
+
+An `extra` memory branch (the knowledge memory: rows retrieved elsewhere and already attended,
+given as its (out, lse)) joins the memory branch: with `joint`, one softmax over local, memory
+and extra rows; with `gate`, the gated memory branch is one softmax over memory and extra rows.
+
+`knn_attention` checks its arguments; `knn_attention_core` trusts them (callers that checked
+once, e.g. the retrofit on every layer and window).
 """
 from __future__ import annotations
 
@@ -27,8 +34,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_dim, check_floating, check_tensor
-from .memory import check_indices, flat_rows, gather_rows
+from ._checks import check_choice, check_dim, check_floating, check_tensor
+from .rows import check_indices, flat_rows, gather_rows
 
 MODES = ("gate", "joint")
 LOGITS = ("normalized", "raw")
@@ -237,10 +244,8 @@ def _validate(q, k, v, memory_keys, memory_values, indices, gate, memory_scale, 
     if indices.device != q.device:
         raise TypeError(f"indices must be on q's device {q.device}, got {indices.device}")
     check_indices(indices, memory_keys.shape[2])
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if logits not in LOGITS:
-        raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+    check_choice("mode", mode, MODES)
+    check_choice("logits", logits, LOGITS)
     for name, x, needed in (("gate", gate, mode == "gate"), ("memory_scale", memory_scale, logits == "normalized")):
         if x is None:
             if needed:
@@ -275,6 +280,7 @@ def knn_attention(
     logits: str = "normalized",
     attention_mask: torch.Tensor | None = None,
     memory_q: torch.Tensor | None = None,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -292,7 +298,9 @@ def knn_attention(
         attention_mask: (B, S) bool key padding, or a full (B, 1|Hq, T, S) bool mask.
         memory_q: (B, Hq, T, D) queries of the memory branch, default q. A rotary model reads its
             un-rotated memory keys with queries placed by a position policy (`knnmem.positions`).
-        return_lse: also return the branches' log-sum-exps (B, Hq, T), float32 (-inf = empty).
+        extra: (out (B, Hq, T, D), lse (B, Hq, T)) of a further memory branch (knowledge), or None.
+        return_lse: also return the local and (whole) memory branch's log-sum-exps (B, Hq, T),
+            float32 (-inf = empty).
         backend: "auto" (the fused Triton kernel for CUDA tensors, this PyTorch reference
             otherwise), "torch" or "triton" (raises ValueError where the kernel cannot run).
 
@@ -305,13 +313,25 @@ def knn_attention(
     elif not isinstance(memory_q, torch.Tensor) or memory_q.shape != q.shape or memory_q.dtype != q.dtype:
         raise ValueError(f"memory_q must be a tensor like q {tuple(q.shape)} {q.dtype}, "
                          f"got {getattr(memory_q, 'shape', type(memory_q))}")
+    if extra is not None:
+        if (not isinstance(extra, tuple) or len(extra) != 2 or not all(isinstance(x, torch.Tensor) for x in extra)
+                or extra[0].shape != q.shape or extra[1].shape != q.shape[:3]):
+            raise ValueError(f"extra must be (out {tuple(q.shape)}, lse {tuple(q.shape[:3])}) tensors")
+    check_choice("backend", backend, BACKENDS)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    return knn_attention_core(q, k, v, memory_keys, memory_values, indices, gate, scale, memory_scale, mode, logits,
+                              attention_mask, memory_q, extra, return_lse, backend)
+
+
+def knn_attention_core(q, k, v, memory_keys, memory_values, indices, gate, scale: float, memory_scale, mode: str,
+                       logits: str, attention_mask, memory_q, extra, return_lse: bool, backend: str = "auto"):
+    """`knn_attention` on checked arguments (memory_q given, scale resolved): no checks here."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda and (extra is None or mode == "joint")):
         # The kernel takes a (B, S) key-padding mask; transformers hands over full masks.
         kernel_mask = key_padding_from_mask(attention_mask, q.shape[2], k.shape[2])
         obstacles = _triton_obstacles(q, kernel_mask)
+        if backend == "triton" and extra is not None and mode == "gate":
+            obstacles.append("an extra memory branch in gate mode (the kernel combines it in joint mode only)")
         if backend == "triton" and obstacles:
             raise ValueError("backend='triton' cannot run here: " + "; ".join(obstacles))
         if not obstacles:
@@ -320,12 +340,20 @@ def knn_attention(
             out, local_lse, memory_lse = fused_knn_attention(
                 q, k, v, memory_q, memory_keys, memory_values, indices, gate, memory_scale, kernel_mask,
                 scale, logits == "normalized", mode == "joint")
+            if extra is not None:  # joint: the kernel's output is one softmax over local + memory
+                both = torch.logaddexp(local_lse, memory_lse)
+                out = combine(out.float(), both, extra[0].float(), extra[1].float(), "joint", None).to(q.dtype)
+                memory_lse = torch.logaddexp(memory_lse, extra[1].float())
             return (out, local_lse, memory_lse) if return_lse else out
     compute = torch.promote_types(q.dtype, torch.float32)
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     local_out, local_lse = local_attention(qc, kc, vc, scale, attention_mask)
     memory_out, memory_lse = memory_attention(memory_q.to(compute), memory_keys, memory_values, indices.long(), logits, scale,
                                               memory_scale)
+    if extra is not None:  # one softmax over both memories' rows
+        extra_out, extra_lse = extra[0].to(compute), extra[1].to(compute)
+        memory_out = combine(memory_out, memory_lse, extra_out, extra_lse, "joint", None)
+        memory_lse = torch.logaddexp(memory_lse, extra_lse)
     out = combine(local_out, local_lse, memory_out, memory_lse, mode, gate).to(q.dtype)
     if return_lse:
         return out, local_lse.float(), memory_lse.float()

@@ -18,17 +18,17 @@ Storage forms, and what they cost per memorised token (summed over layers and KV
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import faiss
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_metadata_fields, check_positive_int
-from .functional import attend_rows
-from .memory import atomic_write, gather_rows
+from ._checks import check_choice, check_positive_int
+from .files import check_metadata_fields, read_tensors_and_json, save_tensors_and_json
+from .functional import attend_rows, local_allowed, masked_softmax
+from .rows import gather_rows
 from .search import as_numpy, exact_search
 
 FORMS = ("fp16", "sparse", "pq")
@@ -46,8 +46,7 @@ class Storage:
     pq_bits: int = 8  # pq: bits per code
 
     def check(self, head_dim: int) -> "Storage":
-        if self.form not in FORMS:
-            raise ValueError(f"storage must be one of {FORMS}, got {self.form!r}")
+        check_choice("storage", self.form, FORMS)
         for name in ("keep", "chunk", "pq_m", "pq_bits"):
             check_positive_int(name, getattr(self, name))
         if self.form == "sparse" and self.keep > self.chunk:
@@ -198,6 +197,69 @@ class _PQLayer:
             raise ValueError("the key and value indexes of a layer must hold the same number of tokens")
 
 
+@dataclass
+class Collector:
+    """What `MemoryHandle.memorize` collects while one text is read: per memory layer, the
+    (un-rotated keys, values, attention received) of every window."""
+
+    layers: list[int]
+    importance: bool  # also the attention each key received (the sparse form selects by it)
+    parts: dict[int, list] = field(default_factory=dict)
+
+    def collect(self, layer: int, query, key, store_k, value, scaling: float) -> None:
+        """One window of `layer`: query (1, Hq, T, D), key/store_k/value (1, Hkv, T, D); the attention
+        each key received is summed over the queries of its KV head's group."""
+        H, T = key.shape[1], key.shape[2]
+        received = torch.zeros(H, T, device=key.device)
+        if self.importance:  # only the sparse form needs it
+            group = query.shape[1] // H
+            logits = (query[0].float() @ key[0].float().repeat_interleave(group, dim=0).transpose(-1, -2)) * scaling
+            probs, _ = masked_softmax(logits, local_allowed(T, T, None, key.device)[0])  # causal
+            received = probs.sum(dim=1).reshape(H, group, T).sum(dim=1)
+        self.parts.setdefault(layer, []).append((store_k[0].detach().float(), value[0].detach().float(), received))
+
+    def text(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The text's (keys, values, importance) per layer, as `KnowledgeMemory.add` takes them."""
+        if set(self.parts) != set(self.layers):
+            raise RuntimeError("memorize: not every memory layer ran (is this the patched model?)")
+        return {layer: tuple(torch.cat(parts, dim=1) for parts in zip(*self.parts[layer])) for layer in self.layers}
+
+
+def token_ids(item, tokenizer) -> torch.Tensor:
+    """One text for memorize: str (tokenised), os.PathLike (a UTF-8 file, tokenised), a 1-D integer
+    tensor or a list of ints -> a 1-D int64 tensor of at least one token."""
+    if isinstance(item, os.PathLike):
+        with open(item, encoding="utf-8") as f:
+            item = f.read()
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError("memorize needs a tokenizer for texts and files (or give token ids)")
+        ids = torch.tensor(tokenizer(item, add_special_tokens=False).input_ids, dtype=torch.long)
+    elif isinstance(item, torch.Tensor) and item.ndim == 1 and not item.is_floating_point() and item.dtype != torch.bool:
+        ids = item.long()
+    elif is_id_list(item):
+        ids = torch.tensor(item, dtype=torch.long)
+    else:
+        raise TypeError(f"memorize takes texts (str), files (os.PathLike) or token ids (1-D integer tensor or list "
+                        f"of ints), got {type(item).__name__}")
+    if ids.numel() == 0:
+        raise ValueError("memorize got an empty text")
+    return ids
+
+
+def is_id_list(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def texts_to_ids(texts, tokenizer) -> list[torch.Tensor]:
+    """memorize's `texts` (one item or a list of items, see `token_ids`) -> token id tensors."""
+    single = isinstance(texts, (str, os.PathLike, torch.Tensor)) or is_id_list(texts)
+    items = [token_ids(item, tokenizer) for item in ([texts] if single else list(texts))]
+    if not items:
+        raise ValueError("memorize got no texts")
+    return items
+
+
 def sparsify(keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor, keep: int, chunk: int):
     """Per head, the `keep` most important tokens of every `chunk` (in text order).
 
@@ -308,18 +370,13 @@ class KnowledgeMemory:
 
     def save(self, path: str | os.PathLike) -> None:
         """One safetensors file: every layer's tensors (or serialised PQ indexes) and JSON metadata."""
-        from safetensors.torch import save_file
-
         tensors = {f"layer.{layer}.{name}": x for layer, store in self.stores.items()
                    for name, x in store.tensors().items()}
-        atomic_write(os.fspath(path), lambda tmp: save_file(
-            tensors, tmp, metadata={"knnmem_knowledge": json.dumps(self._meta())}))
+        save_tensors_and_json(path, tensors, "knnmem_knowledge", self._meta())
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "KnowledgeMemory":
         """Read a file written by `save`; every field is checked (ValueError naming the file)."""
-        from .patch import read_tensors_and_json
-
         path = os.fspath(path)
         tensors, meta = read_tensors_and_json(path, "knnmem_knowledge", "knnmem knowledge file")
         try:

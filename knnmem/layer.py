@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_choice, check_positive_int, check_tensor
 from .functional import LOGITS, MODES, knn_attention, local_attention
 from .memory import KNNMemory, check_memory_options, memory_for_batch
 from .positions import apply_rotary, rope_angles
@@ -159,10 +159,8 @@ class KNNAttention(CausalAttention):
         rope_base: float | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim, kv_heads, xl_cache=xl_cache, rope_base=rope_base, bias=bias)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if logits not in LOGITS:
-            raise ValueError(f"logits must be one of {LOGITS}, got {logits!r}")
+        check_choice("mode", mode, MODES)
+        check_choice("logits", logits, LOGITS)
         self.topk = check_positive_int("topk", topk)
         self.max_memories = check_positive_int("max_memories", max_memories)
         check_memory_options(max_memories, memory_backend, pinned)

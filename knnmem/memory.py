@@ -10,17 +10,14 @@ Rows are separate documents and heads separate memories: nothing is ever searche
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from ._checks import check_dim, check_finite, check_floating, check_metadata_fields, check_positive_int, check_tensor
+from ._checks import check_choice, check_dim, check_finite, check_floating, check_int, check_positive_int, check_tensor
+from .files import check_metadata_fields, read_tensors_and_json, save_tensors_and_json
+from .rows import check_indices, gather_rows
 from .search import BACKENDS, auto_backend, make_backend
 
 _FORMAT_VERSION = 2
@@ -137,6 +134,12 @@ class KNNMemory:
                 raise TypeError(f"mask must be a bool tensor of shape (B, T), got dtype {mask.dtype}")
             if tuple(mask.shape) != (self.batch_size, T):
                 raise ValueError(f"mask must have shape (B={self.batch_size}, T={T}), got {tuple(mask.shape)}")
+        self.add_unchecked(keys, values, mask)
+
+    @torch.no_grad()
+    def add_unchecked(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """`add` for arguments already checked (finite, of this store's shape): the retrofit's write."""
+        T = keys.shape[2]
         if self.normalize:
             keys = F.normalize(keys.float(), dim=-1)
         keys = keys.to(self.device, self.dtype)
@@ -193,9 +196,14 @@ class KNNMemory:
         grouped-query attention. Returns (scores float32, indices int64), each (B, Hq, T, k):
         indices are slots of `keys`/`values`, -1 (score -inf) where fewer than k memories exist.
         """
-        group = self._check_queries(queries)
-        k = check_positive_int("k", k)
+        self._check_queries(queries)
+        return self.search_unchecked(queries, check_positive_int("k", k))
+
+    @torch.no_grad()
+    def search_unchecked(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search` for arguments already checked (finite queries of this store's shape, k > 0)."""
         B, Hq, T, D = queries.shape
+        group = Hq // self.heads
         if self.normalize:
             queries = F.normalize(queries.float(), dim=-1)
         grouped = queries.to(self.device).reshape(B, self.heads, group * T, D)
@@ -227,9 +235,9 @@ class KNNMemory:
             "backend_options": self._backend_options,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
-        tensors = {"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu(),
-                   "written": self.written.clone(), **self._search.state_tensors()}
-        atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata={"knnmem": json.dumps(meta)}))
+        tensors = {"keys": self.keys, "values": self.values, "written": self.written.clone(),
+                   **self._search.state_tensors()}
+        save_tensors_and_json(path, tensors, "knnmem", meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None,
@@ -237,16 +245,11 @@ class KNNMemory:
         """Read a file written by `save`. The file is data: every field is validated before anything
         is built, and any inconsistency raises ValueError naming the file and the field."""
         path = os.fspath(path)
-        try:
-            with safe_open(path, framework="pt") as f:
-                raw_meta = (f.metadata() or {}).get("knnmem")
-            tensors = load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is not a readable knnmem memory file: {err}") from err
-        if raw_meta is None:
+        tensors, meta = read_tensors_and_json(path, "knnmem", "knnmem memory file")
+        if meta is None:
             raise ValueError(f"{path} has no knnmem metadata: not written by KNNMemory.save")
         try:
-            meta = _validated_metadata(raw_meta, tensors)
+            meta = _validated_metadata(meta, tensors)
             memory = cls(
                 meta["batch_size"], meta["heads"], meta["head_dim"], meta["max_memories"],
                 backend=backend or meta["backend"], pinned=meta["pinned"], normalize=meta["normalize"],
@@ -270,12 +273,8 @@ _DTYPES = ("float16", "bfloat16", "float32")
 _MAX_WRITTEN = 1 << 53  # tokens ever written to a row: far beyond any real stream, safe in float64
 
 
-def _validated_metadata(raw: str, tensors: dict[str, torch.Tensor]) -> dict:
-    """Parse and check a memory file's metadata against its tensors (see `KNNMemory.load`)."""
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"metadata is not valid JSON ({err})") from None
+def _validated_metadata(meta: object, tensors: dict[str, torch.Tensor]) -> dict:
+    """Check a memory file's metadata against its tensors (see `KNNMemory.load`)."""
     if not isinstance(meta, dict):
         raise ValueError("metadata must be a JSON object")
     if meta.get("format_version") == 1:  # written before pinned slots existed
@@ -312,10 +311,8 @@ def check_memory_options(max_memories: object, backend: object, pinned: object) 
     """Checks of the options a layer or a patch passes to the stores it creates on first use,
     so that a bad value fails at construction, not at the first forward."""
     check_positive_int("max_memories", max_memories)
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    if isinstance(pinned, bool) or not isinstance(pinned, int) or not 0 <= pinned < max_memories:
-        raise ValueError(f"pinned must be an integer in [0, max_memories={max_memories}), got {pinned!r}")
+    check_choice("backend", backend, ("auto",) + BACKENDS)
+    check_int("pinned", pinned, 0, max_memories - 1)
 
 
 def parse_rows(rows: object, batch_size: int) -> list[int]:
@@ -342,32 +339,6 @@ def parse_rows(rows: object, batch_size: int) -> list[int]:
     return sorted(set(rows))
 
 
-def check_indices(indices: torch.Tensor, max_memories: int) -> None:
-    """Raise unless every index is a slot in [0, max_memories) or -1 (empty): an index past the
-    end would silently read another row's or head's memory."""
-    if indices.numel() == 0:
-        return
-    lo, hi = torch.aminmax(indices)
-    if int(lo) < -1 or int(hi) >= max_memories:
-        raise ValueError(f"indices must be slots in [0, M={max_memories}) or -1 (empty), "
-                         f"got values in [{int(lo)}, {int(hi)}]")
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`: a crash or a
-    full disk leaves the old file, never a half-written one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def memory_for_batch(memory: KNNMemory | None, batch_size: int, reset_hint: str, owned: bool = True,
                      **options) -> KNNMemory:
     """The memory to use for a batch of `batch_size` rows: `memory` itself, or a new
@@ -383,27 +354,3 @@ def memory_for_batch(memory: KNNMemory | None, batch_size: int, reset_hint: str,
                              f"holds tokens: call {reset_hint} before changing the batch size")
         memory = None
     return memory if memory is not None else KNNMemory(batch_size, **options)
-
-
-def flat_rows(indices: torch.Tensor, heads: int, slots: int, group: int) -> torch.Tensor:
-    """Row numbers in a (B * heads * slots, D) view of a (B, heads, slots, D) table.
-
-    indices: (B, heads * group, T, k) slots, -1 = empty -> same shape, int64; query head j reads
-    KV head j // group. Empty slots point at the row's slot 0 (callers give them zero weight).
-    """
-    B = indices.shape[0]
-    head = torch.arange(indices.shape[1], device=indices.device) // group
-    base = (torch.arange(B, device=indices.device)[:, None] * heads + head[None, :]) * slots  # (B, Hq)
-    return base[:, :, None, None] + indices.clamp(min=0).long()
-
-
-def gather_rows(table: torch.Tensor, indices: torch.Tensor, group: int, zero_empty: bool = True) -> torch.Tensor:
-    """table: (B, H, M, D); indices: (B, H * group, T, k), -1 = empty -> (B, H * group, T, k, D).
-
-    Query head j reads KV head j // group. Empty slots read as zeros, or, with zero_empty=False,
-    as some finite stored row (cheaper, for callers that give empty slots zero weight).
-    """
-    B, H, M, D = table.shape
-    flat = flat_rows(indices, H, M, group)
-    rows = table.reshape(B * H * M, D)[flat.flatten()].reshape(*indices.shape, D)
-    return rows.masked_fill((indices < 0)[..., None], 0) if zero_empty else rows

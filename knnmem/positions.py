@@ -24,6 +24,8 @@ import functools
 import torch
 from torch import nn
 
+from ._checks import check_choice
+
 POLICIES = ("constant", "start", "none")
 
 
@@ -69,8 +71,7 @@ class RotaryPlacement:
     """
 
     def __init__(self, rotary: nn.Module, policy: str = "constant", distance: int = 512) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"position must be one of {POLICIES}, got {policy!r}")
+        check_choice("position", policy, POLICIES)
         self.rotary, self.policy, self.distance = rotary, policy, int(distance)
         self._angles: dict[str, tuple] = {}  # "read"/"stored" -> (positions, dtype, cos, sin)
 

@@ -10,8 +10,9 @@ drift from the stored rows. Stateful ones (`ivf`, `hnsw`) keep one FAISS index p
 whose ids are the slots themselves, updated on every write (`on_write`) and clear (`on_clear`).
 
 Trade-offs, for choosing a backend:
-- `exact`: torch matmul + top-k, chunked over the memory, on the store's device. Exact; the
-  fastest choice on a GPU and on a CPU up to a few hundred thousand memories per head.
+- `exact`: torch matmul + top-k, chunked over the memory, on the store's device. Exact; what
+  `auto` picks on a GPU, for raw (un-normalised) keys, and on a CPU up to `AUTO_EXACT_MAX_CPU`
+  (16384) memories per head.
 - `flat`: FAISS brute force (`faiss.knn`) over the store's buffer. Exact; CPU, float32.
 - `ivf`: FAISS IVF-Flat, up to `max_memories // 128` lists (at most 4096), `nprobe = 8`. A row is
   searched exactly until it holds 2048 keys, then trained on what it holds and retrained as it
@@ -30,6 +31,8 @@ from abc import ABC, abstractmethod
 import faiss
 import numpy as np
 import torch
+
+from ._checks import check_choice, check_int
 
 BACKENDS = ("exact", "flat", "ivf", "hnsw")
 
@@ -335,15 +338,12 @@ class HNSWBackend(_PerRowHeadIndexes):
 
 
 def _option(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"backend option {name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
+    return check_int(f"backend option {name}", value, lo, hi)
 
 
 def make_backend(name: str, memory, **options) -> SearchBackend:
     classes = {"exact": ExactBackend, "flat": FlatBackend, "ivf": IVFBackend, "hnsw": HNSWBackend}
-    if name not in classes:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    check_choice("backend", name, ("auto",) + BACKENDS)
     allowed = {"ivf": ("nlist", "nprobe", "min_train"), "hnsw": ("m", "ef_search")}.get(name, ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:

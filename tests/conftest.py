@@ -16,7 +16,7 @@ def tiny_model_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from knnmem.eval import corpus
+    from knnmem import corpus
 
     directory = tmp_path_factory.mktemp("tiny_model")
     text = corpus.read_text(corpus.default_corpus(1)[0])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from knnmem import adapters
-from knnmem.train.loop import TrainSettings
+from knnmem.train import TrainSettings, train_adapter
 from test_patch import FAMILIES, VOCAB, tiny
 
 
@@ -58,14 +58,14 @@ def test_train_adapter_lowers_the_loss_and_changes_nothing_else():
     documents = [_ids((90,), 1), _ids((70,), 2)]  # memorised over and over
     settings = TrainSettings(steps=40, lr=1e-2, lr_memory=1e-2, warmup=2, segment=32, validate_every=0,
                              save_every=0)
-    log = adapters.train_adapter(model, documents, settings, progress=False)
+    log = train_adapter(model, documents, settings, progress=False)
     assert len(log["history"]) == 40
     assert sum(log["history"][-5:]) / 5 < sum(log["history"][:5]) / 5 - 0.3
     assert adapter.gate.item() != 0.0
     assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())  # base weights unchanged
     assert all(p.requires_grad for p in model.parameters())  # restored as they were
     with pytest.raises(ValueError, match="fewer than one piece"):
-        adapters.train_adapter(model, [_ids((10,), 3)], settings, progress=False)
+        train_adapter(model, [_ids((10,), 3)], settings, progress=False)
     adapters.detach(model)
     with pytest.raises(ValueError, match="attached"):
-        adapters.train_adapter(model, documents, settings, progress=False)
+        train_adapter(model, documents, settings, progress=False)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import knnmem
-from knnmem.eval import corpus
-from knnmem.eval.run import main as eval_main
+from knnmem import corpus
+from knnmem.commands.eval import main as eval_main
 from knnmem.eval.scoring import KINDS, score_document, uses_memory
 from knnmem.stream import windows
 

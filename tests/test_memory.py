@@ -381,7 +381,7 @@ def test_values_beyond_the_store_dtype_are_refused():
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     memory, path = _saved(tmp_path)
     before = path.read_bytes()
-    import knnmem.memory as memory_module
+    import knnmem.files as memory_module
 
     def full_disk(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")

@@ -244,9 +244,9 @@ def test_interrupted_handle_save_leaves_the_previous_snapshot(tmp_path, monkeypa
     model, handle = _filled_handle(tmp_path)
     with torch.no_grad():
         model(torch.randint(VOCAB, (1, 10)))  # 30 tokens now; the saved snapshot has 20
-    import knnmem.memory
+    import knnmem.files
 
-    real_save_file, calls = knnmem.memory.save_file, []
+    real_save_file, calls = knnmem.files.save_file, []
 
     def fail_on_second_layer(tensors, filename, metadata=None):
         calls.append(filename)
@@ -254,7 +254,7 @@ def test_interrupted_handle_save_leaves_the_previous_snapshot(tmp_path, monkeypa
             raise OSError(28, "No space left on device")
         real_save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(knnmem.memory, "save_file", fail_on_second_layer)
+    monkeypatch.setattr(knnmem.files, "save_file", fail_on_second_layer)
     with pytest.raises(OSError):
         handle.save(tmp_path)
     monkeypatch.undo()

@@ -6,8 +6,8 @@ import knnmem
 from knnmem import MemorizingConfig, MemorizingTransformer
 from knnmem.layer import CausalAttention
 from knnmem.train import TrainSettings, load_trained, perplexity, pieces, prepare, train
-from knnmem.train.run import default_layers
-from knnmem.train.run import main as train_main
+from knnmem.commands.train import main as train_main
+from knnmem.train.retrofit import default_layers
 
 
 def _llama():
@@ -174,7 +174,7 @@ def test_memorizing_transformer_trains_fills_memory_and_clears_it_per_document()
 
 
 def test_train_cli_then_eval_checkpoint(tiny_model_dir, tmp_path, capsys):
-    from knnmem.eval.run import main as eval_main
+    from knnmem.commands.eval import main as eval_main
 
     model_dir, docs = tiny_model_dir
     for i in range(4, 8):  # more documents for the by-name split: doc1/2/6 train, the rest validation

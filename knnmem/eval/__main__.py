@@ -1,3 +1,3 @@
-from .run import main
+from ..commands.eval import main
 
 main()

@@ -46,20 +46,3 @@ def load_model(model: str | None = None, dtype: torch.dtype = torch.float32, dev
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True, **kwargs)
     return lm.to(device).eval(), tokenizer, description
-
-
-def start_command(parser, model: str | None, device: str):
-    """What `knnmem eval` and `knnmem train` do first: join the process group when launched by
-    torchrun (one CPU share per process), then load the model (a bad --model exits through
-    `parser`). Returns (model, tokenizer, description, world size, rank)."""
-    import torch.distributed as dist
-
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
-        lm, tokenizer, description = load_model(model, device=device)
-    except (OSError, ValueError) as err:
-        parser.error(f"--model: {err}")
-    return lm, tokenizer, description, world, rank

@@ -1,7 +1,5 @@
-"""`knnmem passkey`: can the model find a key hidden deep in a long text (the standard long-range test)?
-
-    knnmem passkey                                       # 4K and 16K tokens, 3 depths, 2 trials each
-    knnmem passkey --lengths 4096 16384 65536 --depths 0.1 0.5 0.9 --trials 4
+"""The passkey task (`knnmem passkey`): can the model find a key hidden deep in a long text (the
+standard long-range test)?
 
 A prompt is seeded filler text with one sentence stating a random 5-digit key at a given depth,
 and a question at the end. Configurations:
@@ -14,8 +12,6 @@ The answer is generated greedily; a trial counts if the key appears in it.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import random
 import re
 from collections.abc import Callable
@@ -25,8 +21,6 @@ from tqdm import tqdm
 
 from ..patch import patch, unpatch
 from ..stream import read
-from .model import load_model
-from .report import write_json
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -91,61 +85,40 @@ def model_answerer(model, tokenizer, config: str, segment: int, max_new_tokens: 
     return answer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="knnmem passkey", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    p.add_argument("--trials", type=int, default=2, help="random keys per (length, depth)")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--segment", type=int, default=512)
-    p.add_argument("--memory", type=int, default=65536)
-    p.add_argument("--topk", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="eval_results/passkey.json")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("segment", "memory", "topk", "trials"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if any(n <= args.segment for n in args.lengths):
-        parser.error(f"--lengths must all exceed --segment ({args.segment}), got {args.lengths}")
-    if any(not 0 <= d <= 1 for d in args.depths):
-        parser.error(f"--depths must be fractions in [0, 1], got {args.depths}")
-    try:
-        model, tokenizer, description = load_model(args.model, device=args.device)
-    except (OSError, ValueError) as err:
-        parser.error(f"--model: {err}")
-    native = getattr(model.config, "max_position_embeddings", None)
+def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], depths: list[float], trials: int,
+                     segment: int = 512, max_memories: int = 65536, topk: int = 32, seed: int = 0) -> dict:
+    """Accuracy {config: {length: {depth: fraction}}} (keys as strings) of each configuration; `full`
+    only at the lengths that fit the model's native context."""
+    native = native_context(model)
     results = {}
-    bar = tqdm(total=len(args.configs) * len(args.lengths) * len(args.depths) * args.trials, unit="trial")
-    for config in args.configs:
-        lengths = [n for n in args.lengths if config != "full" or native is None or n <= native]
+    bar = tqdm(total=len(configs) * len(lengths) * len(depths) * trials, unit="trial")
+    for config in configs:
+        fitting = [n for n in lengths if config != "full" or native is None or n <= native]
         bar.set_description(config)
-        answer = model_answerer(model, tokenizer, config, args.segment, max_memories=args.memory, topk=args.topk)
-        table = evaluate(answer, tokenizer, lengths, args.depths, args.trials, args.seed, bar)
-        bar.update(len(args.depths) * args.trials * (len(args.lengths) - len(lengths)))
+        answer = model_answerer(model, tokenizer, config, segment, max_memories=max_memories, topk=topk)
+        table = evaluate(answer, tokenizer, fitting, depths, trials, seed, bar)
+        bar.update(len(depths) * trials * (len(lengths) - len(fitting)))
         results[config] = {str(n): {str(d): acc for d, acc in row.items()} for n, row in table.items()}
     bar.close()
-    print(f"\n{description}: passkey accuracy ({args.trials} keys per cell; depth = position of the key)")
-    print(f"{'config':<8}{'length':>8}  " + "  ".join(f"d={d:<5}" for d in args.depths) + "   mean")
-    for config, table in results.items():
+    return results
+
+
+def native_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def print_passkey(payload: dict) -> None:
+    """The table of `knnmem passkey`: accuracy by config, length and depth."""
+    depths, trials = payload["settings"]["depths"], payload["settings"]["trials"]
+    print(f"\n{payload['model']}: passkey accuracy ({trials} keys per cell; depth = position of the key)")
+    print(f"{'config':<8}{'length':>8}  " + "  ".join(f"d={d:<5}" for d in depths) + "   mean")
+    for config, table in payload["accuracy"].items():
         for length, row in table.items():
             cells = list(row.values())
             print(f"{config:<8}{length:>8}  " + "  ".join(f"{a:<7.2f}" for a in cells) + f"   {sum(cells) / len(cells):.2f}")
-    payload = {"model": description, "settings": vars(args), "native_context": native, "accuracy": results}
-    write_json(args.json, payload)
-    _plot(results, os.path.splitext(args.json)[0] + ".png")
-    return payload
 
 
-def _plot(results: dict, path: str) -> None:
+def plot_passkey(results: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

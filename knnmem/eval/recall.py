@@ -1,7 +1,5 @@
-"""`knnmem eval --task recall`: facts read once, asked later without them in the prompt.
-
-    knnmem eval --task recall                                  # 64 facts, every configuration
-    knnmem eval --task recall --facts 128 --configs none prompt knowledge-fp16
+"""The recall task (`knnmem eval --task recall`): facts read once, asked later without them in
+the prompt.
 
 Facts come from the Unicode database of Python's standard library (`unicodedata`): a seeded sample
 of symbol characters and their code points, which a small model does not know by heart. They are
@@ -22,12 +20,12 @@ bytes stored per memorised token.
 """
 from __future__ import annotations
 
-import argparse
 import inspect
-import os
 import random
 import time
 import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -35,10 +33,7 @@ from tqdm import tqdm
 from .. import adapters
 from ..knowledge import Storage
 from ..patch import patch, unpatch
-from ..train.loop import TrainSettings
-from .model import load_model
-from .report import write_json
-from .run import check_writable, parse_layers
+from ..train import TrainSettings, train_adapter
 
 CONFIGS = ("none", "prompt", "knowledge-fp16", "knowledge-sparse", "knowledge-pq", "adapter")
 # Symbol blocks whose characters have short, distinct names: Miscellaneous Symbols, Dingbats,
@@ -107,134 +102,106 @@ def accuracy(model, encode, asked: list[tuple[str, list[str]]], context: list[in
             "prompt_tokens": tokens / n}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="knnmem eval --task recall", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["recall"], default="recall")
-    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--facts", type=int, default=64, help="facts stated, and asked")
-    p.add_argument("--facts-per-document", type=int, default=8)
-    p.add_argument("--choices", type=int, default=4, help="candidate answers per question (chance = 1 / choices)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", default="all", help='memory layers of the knowledge configs: "all", "15-29", ...')
-    p.add_argument("--topk", type=int, default=16,
-                   help="memories retrieved per query and head (16: best of 8-64 on facts of --seed 1)")
-    p.add_argument("--memorize-as", choices=["corpus", "documents"], default="corpus",
-                   help="memorise the documents as one text, the token stream `prompt` reads (default), "
-                        "or each document alone")
-    p.add_argument("--sparse-keep", type=int, default=8, help="knowledge-sparse: tokens kept per head ...")
-    p.add_argument("--sparse-chunk", type=int, default=128, help="... out of every this many")
-    p.add_argument("--pq-m", type=int, default=16, help="knowledge-pq: sub-quantisers per vector")
-    p.add_argument("--pq-bits", type=int, default=8, help="knowledge-pq: bits per code")
-    p.add_argument("--adapter-layer", type=int, default=None, help="block of the adapter (default: 75%% depth)")
-    p.add_argument("--adapter-steps", type=int, default=200)
-    p.add_argument("--adapter-lr", type=float, default=1e-3)
-    p.add_argument("--adapter-gate-init", type=float, default=0.0,
-                   help="initial gate of the adapter (0: the frozen model unchanged at the start)")
-    p.add_argument("--json", default="eval_results/recall.json")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
+def _default_storage() -> dict[str, Storage]:
+    return {form: Storage(form) for form in ("fp16", "sparse", "pq")}
 
 
-def _validate(parser, args) -> None:
-    for name in ("facts", "facts_per_document", "topk", "sparse_keep", "sparse_chunk", "pq_m", "pq_bits",
-                 "adapter_steps"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.choices < 2 or args.choices > args.facts:
-        parser.error(f"--choices must be in [2, --facts={args.facts}], got {args.choices}")
-    if args.adapter_lr <= 0:
-        parser.error(f"--adapter-lr must be positive, got {args.adapter_lr}")
+@dataclass(frozen=True)
+class RecallRun:
+    """What a recall evaluation runs. facts: facts stated, and asked; facts_per_document: facts
+    per document; choices: candidate answers per question; seed: of the facts, the distractors
+    and the adapter's training. Knowledge configs patch `layers` (None: all) with `topk` and
+    memorise the documents as one text (memorize_as "corpus") or each alone ("documents"), in the
+    `storage` of their form ("fp16", "sparse", "pq"). The adapter sits on block `adapter_layer`
+    (None: 75% depth) and trains for `adapter_steps` at `adapter_lr` from `adapter_gate_init`."""
+
+    configs: Sequence[str] = CONFIGS
+    facts: int = 64
+    facts_per_document: int = 8
+    choices: int = 4
+    seed: int = 0
+    layers: list[int] | None = None
+    topk: int = 16
+    memorize_as: str = "corpus"
+    storage: Mapping[str, Storage] = field(default_factory=_default_storage)
+    adapter_layer: int | None = None
+    adapter_steps: int = 200
+    adapter_lr: float = 1e-3
+    adapter_gate_init: float = 0.0
+
+
+def knowledge_row(model, encode, asked, memorised: list[torch.Tensor], storage: Storage, run: RecallRun,
+                  bar: tqdm) -> dict:
+    """A knowledge config: the documents memorised once, then every question with memory frozen."""
+    # The questions are read with memory frozen: the document memory stays empty, keep it small.
+    handle = patch(model, layers=run.layers, topk=run.topk, max_memories=1024)
     try:
-        args.layer_list = parse_layers(args.layers)
-        args.storage = {form: Storage(form, args.sparse_keep, args.sparse_chunk, args.pq_m, args.pq_bits)
-                        for form in ("fp16", "sparse", "pq")}
-        args.storage["sparse"].check(head_dim=1)
-        if not 1 <= args.pq_bits <= 16:
-            raise ValueError(f"--pq-bits must be in [1, 16], got {args.pq_bits}")
-        unicode_facts(args.facts, args.seed)
-    except ValueError as err:
-        parser.error(str(err))
-    for path in (args.json, os.path.splitext(args.json)[0] + ".png"):
-        try:
-            check_writable(path)
-        except OSError as err:
-            parser.error(f"cannot write results to {path!r}: {err}")
+        row: dict = {}
+        start = time.perf_counter()
+        knowledge = handle.memorize(memorised, storage=storage, progress=False)
+        row["memorize_seconds"] = time.perf_counter() - start
+        with handle.frozen():  # questions read knowledge; they are not written anywhere
+            row.update(accuracy(model, encode, asked, [], bar))
+        row.update(storage=storage.describe(), stored_tokens_per_head=len(knowledge),
+                   stored_bytes=knowledge.nbytes(), overhead_bytes=knowledge.overhead_bytes(),
+                   bytes_per_token=knowledge.bytes_per_token())
+        return row
+    finally:
+        unpatch(model)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _validate(parser, args)
+def adapter_row(model, encode, asked, memorised: list[torch.Tensor], run: RecallRun, bar: tqdm) -> dict:
+    """The adapter config: a ResidualMemory trained on the documents, then every question."""
+    adapter = adapters.attach(model, run.adapter_layer, gate_init=run.adapter_gate_init)
     try:
-        model, tokenizer, description = load_model(args.model, device=args.device)
-    except (OSError, ValueError) as err:
-        parser.error(f"--model: {err}")
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if any(c == "knowledge-pq" for c in args.configs) and head_dim % args.pq_m:
-        parser.error(f"--pq-m must divide the model's head dim {head_dim}, got {args.pq_m}")
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    facts = unicode_facts(args.facts, args.seed)
-    texts = documents(facts, args.facts_per_document)
-    asked = questions(facts, args.choices, args.seed)
+        row: dict = {}
+        settings = TrainSettings(steps=run.adapter_steps, lr=run.adapter_lr, lr_memory=run.adapter_lr,
+                                 warmup=min(20, run.adapter_steps // 10), segment=128, context=0,
+                                 validate_every=0, save_every=0, seed=run.seed)
+        start = time.perf_counter()
+        log = train_adapter(model, memorised, settings, progress=False)
+        row["memorize_seconds"] = time.perf_counter() - start
+        row.update(accuracy(model, encode, asked, [], bar))
+        stored = sum(p.numel() * p.element_size() for p in adapter.parameters())
+        row.update(gate=adapter.gate.item(), loss_first=log["history"][0], loss_last=log["history"][-1],
+                   stored_bytes=stored, bytes_per_token=stored / sum(d.numel() for d in memorised),
+                   block=adapters.default_layer(model.config.num_hidden_layers)
+                   if run.adapter_layer is None else run.adapter_layer)
+        return row
+    finally:
+        adapters.detach(model)
+
+
+def evaluate_recall(model, tokenizer, description: str, run: RecallRun, settings: dict | None = None) -> dict:
+    """The result of `knnmem eval --task recall`: every configuration of `run`, with accuracy
+    relative to `prompt`'s. `settings` is recorded as given."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    facts = unicode_facts(run.facts, run.seed)
+    texts = documents(facts, run.facts_per_document)
+    asked = questions(facts, run.choices, run.seed)
     corpus = "\n\n".join(texts)
     prompt = encode(corpus + "\n\n")
-    memorised = [torch.tensor(encode(t)) for t in (texts if args.memorize_as == "documents" else [corpus])]
-    memorised_tokens = sum(d.numel() for d in memorised)
-    bar = tqdm(total=len(args.configs) * len(asked), desc="recall", unit="question")
+    memorised = [torch.tensor(encode(t)) for t in (texts if run.memorize_as == "documents" else [corpus])]
+    bar = tqdm(total=len(run.configs) * len(asked), desc="recall", unit="question")
     results = {}
-    for config in args.configs:
+    for config in run.configs:
         bar.set_description(config)
-        row: dict = {}
         if config in ("none", "prompt"):
-            row.update(accuracy(model, encode, asked, prompt if config == "prompt" else [], bar))
+            results[config] = accuracy(model, encode, asked, prompt if config == "prompt" else [], bar)
         elif config.startswith("knowledge-"):
-            storage = args.storage[config.removeprefix("knowledge-")]
-            # The questions are read with memory frozen: the document memory stays empty, keep it small.
-            handle = patch(model, layers=args.layer_list, topk=args.topk, max_memories=1024)
-            try:
-                start = time.perf_counter()
-                knowledge = handle.memorize(memorised, storage=storage, progress=False)
-                row["memorize_seconds"] = time.perf_counter() - start
-                with handle.frozen():  # questions read knowledge; they are not written anywhere
-                    row.update(accuracy(model, encode, asked, [], bar))
-                row.update(storage=storage.describe(), stored_tokens_per_head=len(knowledge),
-                           stored_bytes=knowledge.nbytes(), overhead_bytes=knowledge.overhead_bytes(),
-                           bytes_per_token=knowledge.bytes_per_token())
-            finally:
-                unpatch(model)
+            storage = run.storage[config.removeprefix("knowledge-")]
+            results[config] = knowledge_row(model, encode, asked, memorised, storage, run, bar)
         else:
-            adapter = adapters.attach(model, args.adapter_layer, gate_init=args.adapter_gate_init)
-            try:
-                settings = TrainSettings(steps=args.adapter_steps, lr=args.adapter_lr, lr_memory=args.adapter_lr,
-                                         warmup=min(20, args.adapter_steps // 10), segment=128, context=0,
-                                         validate_every=0, save_every=0, seed=args.seed)
-                start = time.perf_counter()
-                log = adapters.train_adapter(model, memorised, settings, progress=False)
-                row["memorize_seconds"] = time.perf_counter() - start
-                row.update(accuracy(model, encode, asked, [], bar))
-                stored = sum(p.numel() * p.element_size() for p in adapter.parameters())
-                row.update(gate=adapter.gate.item(), loss_first=log["history"][0], loss_last=log["history"][-1],
-                           stored_bytes=stored, bytes_per_token=stored / memorised_tokens,
-                           block=adapters.default_layer(model.config.num_hidden_layers)
-                           if args.adapter_layer is None else args.adapter_layer)
-            finally:
-                adapters.detach(model)
-        results[config] = row
+            results[config] = adapter_row(model, encode, asked, memorised, run, bar)
     bar.close()
     upper = results.get("prompt", {}).get("accuracy")
     for row in results.values():
         row["vs_prompt"] = row["accuracy"] / upper if upper else None
-    payload = {"model": description, "task": "recall", "facts": len(facts), "documents": len(texts),
-               "memorised_tokens": memorised_tokens, "chance": 1 / args.choices,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("layer_list", "storage")},
-               "configs": results}
-    print_recall(payload)
-    write_json(args.json, payload)
-    plot_recall(payload, os.path.splitext(args.json)[0] + ".png")
-    return payload
+    return {"model": description, "task": "recall", "facts": len(facts), "documents": len(texts),
+            "memorised_tokens": sum(d.numel() for d in memorised), "chance": 1 / run.choices,
+            "settings": settings or {}, "configs": results}
 
 
 def print_recall(payload: dict) -> None:

@@ -1,5 +1,8 @@
-"""Training with memory: fine-tuning a retrofit (`knnmem train`) and training from scratch."""
-from .loop import TrainSettings, perplexity, pieces, train
+"""Training with memory: fine-tuning a retrofit (`knnmem train`), training from scratch, and
+memorising documents into a `ResidualMemory` (`train_adapter`)."""
+from ..corpus import pieces
+from .adapter import train_adapter
+from .loop import TrainSettings, perplexity, train
 from .trainable import TRAINABLE, load_trained, prepare
 
-__all__ = ["TRAINABLE", "TrainSettings", "load_trained", "perplexity", "pieces", "prepare", "train"]
+__all__ = ["TRAINABLE", "TrainSettings", "load_trained", "perplexity", "pieces", "prepare", "train", "train_adapter"]

@@ -1,7 +1,7 @@
 """The training loop: long documents read segment by segment with memory, as the eval reads them.
 
-Documents are equal-length token tensors (`pieces` cuts long texts into them). A batch puts
-`batch_size` documents side by side, one per row, with fresh memory; its windows
+Documents are equal-length token tensors (`knnmem.corpus.pieces` cuts long texts into them).
+A batch puts `batch_size` documents side by side, one per row, with fresh memory; its windows
 (`knnmem.stream.windows`) are read in order, each one forward and backward pass whose loss is
 the mean cross-entropy of the window's scored tokens. Memory and XL caches are written detached,
 so gradients stop at the window, as in the paper. The optimizer steps every `accumulate`
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..memory import atomic_write
+from ..files import atomic_write
 from ..stream import forward_window, reset_memory, windows
 from .trainable import TRAINED_FILE, is_memory_parameter, read_trained, restore_parameters, save_trained
 
@@ -78,26 +78,6 @@ class TrainSettings:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or self.clip < 0:
             raise ValueError("min_lr_ratio must be in [0, 1], weight_decay and clip >= 0")
-
-
-def pieces(ids: torch.Tensor, length: int) -> list[torch.Tensor]:
-    """Cut a document's token ids (N,) into consecutive documents of exactly `length` tokens
-    (the tail shorter than `length` is dropped)."""
-    return [ids[i:i + length] for i in range(0, ids.numel() - length + 1, length)]
-
-
-def document_pieces(paths: list[str], encode: Callable[[str], list[int]], length: int,
-                    limit: int | None = None) -> list[torch.Tensor]:
-    """Pieces of `length` tokens (`pieces`) of the files at `paths`, encoded by `encode`, in
-    order, at most `limit` of them."""
-    from ..eval.corpus import read_text
-
-    documents: list[torch.Tensor] = []
-    for path in paths:
-        documents += pieces(torch.tensor(encode(read_text(path)), dtype=torch.long), length)
-        if limit is not None and len(documents) >= limit:
-            return documents[:limit]
-    return documents
 
 
 def _stack(documents: list[torch.Tensor], name: str) -> torch.Tensor:

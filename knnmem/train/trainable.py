@@ -12,14 +12,16 @@ freshly loaded model in one call.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from torch import nn
 
-from ..memory import atomic_write
-from ..patch import MemoryHandle, _attention_modules, patch_with_settings, read_tensors_and_json
+from .. import hf
+from .._checks import check_choice, check_positive_int
+from ..files import read_tensors_and_json, save_tensors_and_json
+from ..handle import MemoryHandle
+from ..patch import patch_with_settings, unpatch
 
 TRAINABLE = ("memory", "attention", "lora")
 TRAINED_FILE = "knnmem_trained.safetensors"
@@ -31,33 +33,19 @@ def is_memory_parameter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in MEMORY_PARAMETER_NAMES
 
 
-def _projections(model: nn.Module, layers: list[int]) -> list[str]:
-    """Full names of the linear projections inside the attention modules of `layers`."""
-    from transformers.pytorch_utils import Conv1D
-
-    modules = {id(m) for m in _attention_modules(model) if m.layer_idx in layers}
-    names = []
-    for name, module in model.named_modules():
-        if id(module) in modules:
-            names += [f"{name}.{child}" for child, sub in module.named_children() if isinstance(sub, (nn.Linear, Conv1D))]
-    return names
-
-
 def prepare(model: nn.Module, train: str = "memory", lora_rank: int = 8, lora_alpha: float = 16.0) -> dict[str, nn.Parameter]:
     """Freeze a patched model except what `train` names (adding LoRA adapters for "lora").
     Returns the trainable parameters by name."""
     handle: MemoryHandle | None = getattr(model, "knnmem", None)
     if handle is None:
         raise ValueError("prepare needs a model patched by knnmem.patch (or loaded by load_trained)")
-    if train not in TRAINABLE:
-        raise ValueError(f"train must be one of {TRAINABLE}, got {train!r}")
-    targets = _projections(model, handle.layers)
+    check_choice("train", train, TRAINABLE)
+    targets = hf.projection_names(model, handle.layers)
     if train == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank <= 0:
-            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}")
-        fan_in_fan_out = model.config.model_type == "gpt2"  # GPT-2's Conv1D stores weights transposed
+        check_positive_int("lora_rank", lora_rank)
+        fan_in_fan_out = hf.stores_weights_transposed(model)
         inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets,
                                            fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0), model)
     handle.training = {"train": train, "lora_rank": lora_rank, "lora_alpha": lora_alpha}
@@ -79,13 +67,10 @@ def save_trained(model: nn.Module, path: str, info: dict) -> None:
     """Write the trainable parameters of `model` and `info` (JSON metadata) to `path`, atomically.
     For a retrofit, the metadata also holds what `load_trained` needs: the patch settings and the
     choice made by `prepare`."""
-    from safetensors.torch import save_file
-
     handle: MemoryHandle | None = getattr(model, "knnmem", None)
     if handle is not None:
         info = {**info, "patch": handle.settings, **(handle.training or {})}
-    tensors = {name: p.detach().cpu().contiguous() for name, p in trained_parameters(model).items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"knnmem_trained": json.dumps(info)}))
+    save_tensors_and_json(path, trained_parameters(model), "knnmem_trained", info)
 
 
 def read_trained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -129,8 +114,6 @@ def load_trained(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle
         prepare(model, train, info.get("lora_rank", 8), info.get("lora_alpha", 16.0))
         restore_parameters(model, tensors, path)
     except Exception:
-        from .. import unpatch
-
         unpatch(model)
         raise
     return handle

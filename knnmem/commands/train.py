@@ -15,22 +15,16 @@ import argparse
 import os
 import time
 
-import torch
 import torch.distributed as dist
 
-from ..eval import corpus
-from ..eval.model import start_command
-from ..eval.run import check_writable, parse_layers
+from .. import corpus
 from ..patch import patch
 from ..positions import POLICIES
 from ..search import BACKENDS
-from .loop import TrainSettings, document_pieces, perplexity, train
-from .trainable import TRAINABLE, TRAINED_FILE, prepare, read_trained
-
-
-def default_layers(n_layers: int) -> list[int]:
-    """A fifth of the layers, at 60-80% depth (the paper puts its memory layer near 75%)."""
-    return list(range(int(0.6 * n_layers), max(int(0.8 * n_layers), int(0.6 * n_layers) + 1)))
+from ..train.loop import TrainSettings
+from ..train.retrofit import default_layers, fine_tune, split_pieces
+from ..train.trainable import TRAINABLE, prepare
+from .common import check_layers, check_positive, check_writable, default_device, parse_layers, start_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int, default=d.validate_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     return p
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def validate(parser: argparse.ArgumentParser, args) -> tuple[TrainSettings, list[int] | None]:
+    """Every option checked before the model loads. Returns the loop's settings and the memory
+    layers given (None: the default for the model)."""
     settings = TrainSettings(
         steps=args.steps, lr=args.lr, lr_memory=args.lr_memory, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, accumulate=args.accumulate, batch_size=args.batch_size, segment=args.segment,
@@ -86,9 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         layers = parse_layers(args.layers) if args.layers else None
     except ValueError as err:
         parser.error(str(err))
-    for name in ("doc_tokens", "val_docs", "memory", "topk", "lora_rank"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    check_positive(parser, args, "doc_tokens", "val_docs", "memory", "topk", "lora_rank")
     if args.doc_tokens <= args.segment + args.context:
         parser.error(f"--doc-tokens ({args.doc_tokens}) must exceed --segment + --context ({args.segment + args.context})")
     if args.max_docs is not None and args.max_docs < args.batch_size:
@@ -99,25 +91,39 @@ def main(argv: list[str] | None = None) -> dict:
         check_writable(os.path.join(args.output, "train_log.json"))
     except OSError as err:
         parser.error(f"cannot write checkpoints to {args.output!r}: {err}")
-    model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
-    n_layers = model.config.num_hidden_layers
-    layers = default_layers(n_layers) if layers is None else layers
-    if not all(0 <= i < n_layers for i in layers):
-        parser.error(f"--layers {args.layers!r}: this model has layers 0..{n_layers - 1}")
-    paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
-    train_paths, validation_paths = corpus.split(paths)
+    return settings, layers
+
+
+def read_pieces(args, tokenizer, world: int):
+    """(training, validation) pieces of --doc-tokens tokens; exits if there are too few."""
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    train_docs = document_pieces(train_paths, encode, args.doc_tokens, args.max_docs)
-    val_docs = document_pieces(validation_paths, encode, args.doc_tokens, args.val_docs)
+    paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
+    train_docs, val_docs = split_pieces(paths, encode, args.doc_tokens, args.max_docs, args.val_docs)
     if len(train_docs) < args.batch_size * world or not val_docs:
         raise SystemExit(f"knnmem train: {len(train_docs)} training and {len(val_docs)} validation pieces of "
                          f"{args.doc_tokens} tokens; need at least {args.batch_size * world} and 1 "
                          "(give more --data or a smaller --doc-tokens)")
+    return train_docs, val_docs
+
+
+def prepare_model(args, model, layers: list[int]) -> dict:
+    """Patch the memory layers and choose what trains. Returns the trainable parameters."""
     patch(model, layers=layers, topk=args.topk, max_memories=args.memory, mode=args.mode, logits=args.logits,
           position=args.position, distance=args.distance, memory_backend=args.memory_backend)
-    trainable = prepare(model, args.train, lora_rank=args.lora_rank)
+    return prepare(model, args.train, lora_rank=args.lora_rank)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings, layers = validate(parser, args)
+    model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
+    layers = default_layers(model.config.num_hidden_layers) if layers is None else layers
+    check_layers(parser, args.layers, layers, model)
+    train_docs, val_docs = read_pieces(args, tokenizer, world)
+    trainable = prepare_model(args, model, layers)
     info = {"model": description, "data": [corpus.display_name(p) for p in args.data] if args.data else "stdlib",
             "train_documents": len(train_docs), "validation_documents": len(val_docs)}
     if rank == 0:
@@ -125,14 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{sum(p.numel() for p in trainable.values()):,} parameters; {len(train_docs)} training / "
               f"{len(val_docs)} validation documents of {args.doc_tokens} tokens")
     start = time.perf_counter()
-    if args.resume:
-        info["validation_ppl_before"] = read_trained(os.path.join(args.output, TRAINED_FILE))[1].get("validation_ppl_before")
-    else:
-        before = perplexity(model, val_docs, args.segment, args.context, args.batch_size)
-        if rank == 0:
-            print(f"validation ppl before training: {before:.3f}")
-        info["validation_ppl_before"] = before
-    log = train(model, train_docs, settings, val_docs, output=args.output, resume=args.resume, info=info)
+    log = fine_tune(model, train_docs, val_docs, settings, args.output, args.resume, info, rank)
     if rank == 0:
         print(f"done: {log['step']} steps, {log['tokens']:,} tokens, {time.perf_counter() - start:.0f} s; "
               f"checkpoint in {args.output} (knnmem eval --checkpoint {args.output})")

@@ -1,12 +1,16 @@
-"""Long documents for the evaluation: files, directories or globs; by default the largest source
-files of the Python standard library (real long documents, code like the paper's GitHub set,
-present on every machine without a download)."""
+"""Long documents for evaluation and training: files, directories or globs; by default the largest
+source files of the Python standard library (real long documents, code like the paper's GitHub set,
+present on every machine without a download); the reproducible split by document; and pieces,
+documents cut into equal-length token tensors."""
 from __future__ import annotations
 
 import glob
 import hashlib
 import os
 import sysconfig
+from collections.abc import Callable
+
+import torch
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".html", ".tex", ".json")
 
@@ -67,3 +71,21 @@ def display_name(path: str) -> str:
 def read_text(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
+
+
+def pieces(ids: torch.Tensor, length: int) -> list[torch.Tensor]:
+    """Cut a document's token ids (N,) into consecutive documents of exactly `length` tokens
+    (the tail shorter than `length` is dropped)."""
+    return [ids[i:i + length] for i in range(0, ids.numel() - length + 1, length)]
+
+
+def document_pieces(paths: list[str], encode: Callable[[str], list[int]], length: int,
+                    limit: int | None = None) -> list[torch.Tensor]:
+    """Pieces of `length` tokens (`pieces`) of the files at `paths`, encoded by `encode`, in
+    order, at most `limit` of them."""
+    documents: list[torch.Tensor] = []
+    for path in paths:
+        documents += pieces(torch.tensor(encode(read_text(path)), dtype=torch.long), length)
+        if limit is not None and len(documents) >= limit:
+            return documents[:limit]
+    return documents

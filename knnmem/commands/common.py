@@ -1,0 +1,81 @@
+"""What the commands share: option parsing and checks (exiting through the parser with the
+option's name), and the start of a command (torchrun process group, model loading)."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import torch
+
+from ..eval.model import load_model
+
+
+def parse_layers(text: str) -> list[int] | None:
+    """"all", or a comma list of indices and ascending ranges: "22", "15-29", "0,10-12"."""
+    if text == "all":
+        return None
+    layers: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or not (hi.isdigit() or hi == ""):
+            raise ValueError(f'--layers must be "all" or indices and ranges such as "22", "15-29", "0,10-12"; got {text!r}')
+        if hi and int(hi) < int(lo):
+            raise ValueError(f"--layers range {part!r} is empty (write the lower index first)")
+        layers += list(range(int(lo), int(hi or lo) + 1))
+    return layers
+
+
+def check_writable(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory):
+        pass
+
+
+def check_positive(parser: argparse.ArgumentParser, args, *names: str) -> None:
+    """Each option `names` (attribute names of `args`) must be a positive integer."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+
+
+def check_results_writable(parser: argparse.ArgumentParser, paths: list[str]) -> None:
+    for path in paths:
+        try:
+            check_writable(path)
+        except OSError as err:
+            parser.error(f"cannot write results to {path!r}: {err}")
+
+
+def check_layers(parser: argparse.ArgumentParser, option: str | None, layers: list[int] | None, model) -> None:
+    """`layers` (None: all) must be layers of `model`; `option` is the --layers text given."""
+    n_layers = model.config.num_hidden_layers
+    if layers is not None and not all(0 <= i < n_layers for i in layers):
+        parser.error(f"--layers {option!r}: this model has layers 0..{n_layers - 1}")
+
+
+def load_or_exit(parser: argparse.ArgumentParser, model: str | None, device: str):
+    """`load_model`; a bad --model exits through `parser`. Returns (model, tokenizer, description)."""
+    try:
+        return load_model(model, device=device)
+    except (OSError, ValueError) as err:
+        parser.error(f"--model: {err}")
+
+
+def start_command(parser: argparse.ArgumentParser, model: str | None, device: str):
+    """What `knnmem eval` and `knnmem train` do first: join the process group when launched by
+    torchrun (one CPU share per process), then load the model (a bad --model exits through
+    `parser`). Returns (model, tokenizer, description, world size, rank)."""
+    import torch.distributed as dist
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    lm, tokenizer, description = load_or_exit(parser, model, device)
+    return lm, tokenizer, description, world, rank
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

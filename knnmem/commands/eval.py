@@ -1,0 +1,155 @@
+"""`knnmem eval`: long-document perplexity with and without memory, on the same tokens.
+
+    knnmem eval                                   # bundled SmolLM2-135M, stdlib corpus, defaults
+    knnmem eval --data 'docs/**/*.txt' --max-docs 8 --configs none xl+memory
+    knnmem eval --configs none xl+memory --memory-sweep 512 1024 2048 4096
+    knnmem eval --checkpoint runs/train           # memory configs use a retrofit fine-tuned by knnmem train
+    knnmem eval --task recall                     # facts memorised once, asked later (knnmem.eval.recall)
+    torchrun --nproc-per-node 2 -m knnmem.eval    # documents split across processes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch.distributed as dist
+
+from .. import corpus
+from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
+from ..eval.report import print_table, save_plot, write_json
+from ..eval.scoring import KINDS
+from ..positions import POLICIES
+from ..search import BACKENDS
+from ..train.trainable import TRAINED_FILE
+from .common import (check_layers, check_positive, check_results_writable, default_device, parse_layers,
+                     start_command)
+
+TASKS = ("perplexity", "recall")
+# Memory settings a fine-tuned checkpoint fixes (it was trained with them).
+CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "layers", "mode", "position", "distance",
+                       "memory_backend")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knnmem eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="perplexity",
+                   help="perplexity (this page) or recall (see knnmem eval --task recall --help)")
+    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--data", nargs="+", help="files, directories or globs (default: largest stdlib .py files)")
+    p.add_argument("--split", choices=["validation", "train", "all"], default=None,
+                   help="documents of the reproducible by-document split to evaluate (default: validation "
+                        "for the default corpus, all for --data)")
+    p.add_argument("--max-docs", type=int, default=1, help="documents to evaluate (largest first)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens read from each document")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="skip documents shorter than this (default corpus: 16384 or --max-tokens if smaller; "
+                        "--data: two segments)")
+    p.add_argument("--segment", type=int, default=512, help="tokens per segment")
+    p.add_argument("--configs", nargs="+", choices=KINDS, default=DEFAULT_CONFIGS)
+    p.add_argument("--memory", type=int, default=65536, help="memory size (tokens per layer and head)")
+    p.add_argument("--memory-sweep", type=int, nargs="*", default=[],
+                   help="also run each memory config at these sizes (configs NAME@N), for the plot by size")
+    p.add_argument("--pinned", type=int, default=None,
+                   help="first tokens of each document kept in memory when it overflows "
+                        "(default: 64, or half the memory if smaller)")
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
+    p.add_argument("--mode", choices=["joint", "gate"], default="joint")
+    p.add_argument("--position", choices=POLICIES, default="constant")
+    p.add_argument("--distance", type=int, default=512, help="distance of --position constant")
+    p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")
+    p.add_argument("--window", type=int, default=2048, help="context window of the `long` configuration")
+    p.add_argument("--checkpoint", default=None,
+                   help="a `knnmem train` output directory: memory configs run the fine-tuned retrofit "
+                        "(its memory settings replace --layers, --mode, --memory, ...)")
+    p.add_argument("--json", default="eval_results/eval.json", help="where to write the results")
+    p.add_argument("--plot", default=None, help="PNG path (default: next to --json)")
+    p.add_argument("--device", default=default_device())
+    return p
+
+
+def plot_path(args) -> str:
+    return args.plot or os.path.splitext(args.json)[0] + ".png"
+
+
+def validate(parser: argparse.ArgumentParser, args) -> None:
+    """Every option checked before anything slow starts; errors exit with the option's name."""
+    check_positive(parser, args, "max_docs", "max_tokens", "segment", "memory", "topk", "window")
+    if args.max_tokens < 2 * args.segment:
+        parser.error(f"--max-tokens ({args.max_tokens}) must hold at least two segments of --segment {args.segment}")
+    if args.min_tokens is not None and args.min_tokens < 2:
+        parser.error(f"--min-tokens must be at least 2, got {args.min_tokens}")
+    if args.window < args.segment:
+        parser.error(f"--window ({args.window}) must be at least --segment ({args.segment})")
+    if args.distance < 0:
+        parser.error(f"--distance must be >= 0, got {args.distance}")
+    for size in [args.memory, *args.memory_sweep]:
+        if size <= 0:
+            parser.error(f"--memory and --memory-sweep sizes must be positive, got {size}")
+        if args.pinned is not None and not 0 <= args.pinned < size:
+            parser.error(f"--pinned must be in [0, memory size {size}), got {args.pinned}")
+    try:
+        args.layer_list = parse_layers(args.layers)
+    except ValueError as err:
+        parser.error(str(err))
+    check_results_writable(parser, [args.json, plot_path(args)])
+    if args.split is None:
+        args.split = "all" if args.data else "validation"
+    if args.checkpoint is not None:
+        _validate_checkpoint(parser, args)
+
+
+def _validate_checkpoint(parser: argparse.ArgumentParser, args) -> None:
+    if not os.path.isfile(os.path.join(args.checkpoint, TRAINED_FILE)):
+        parser.error(f"--checkpoint {args.checkpoint!r} holds no {TRAINED_FILE} (a `knnmem train` output)")
+    for option in CHECKPOINT_SETTINGS:
+        if getattr(args, option) != parser.get_default(option):
+            parser.error(f"--{option.replace('_', '-')} comes from --checkpoint; do not give both")
+
+
+def run_settings(args) -> PerplexityRun:
+    return PerplexityRun(
+        configs=args.configs, segment=args.segment, window=args.window, max_tokens=args.max_tokens,
+        memory=args.memory, memory_sweep=args.memory_sweep, pinned=args.pinned, topk=args.topk,
+        layers=args.layer_list, mode=args.mode, position=args.position, distance=args.distance,
+        memory_backend=args.memory_backend, checkpoint=args.checkpoint)
+
+
+def recorded_settings(args) -> dict:
+    """The options as the results record them (no paths of this machine)."""
+    return {**{k: v for k, v in vars(args).items() if k != "layer_list"},
+            "data": [corpus.display_name(p) for p in args.data] if args.data else None,
+            "checkpoint": corpus.display_name(os.path.normpath(args.checkpoint)) if args.checkpoint else None}
+
+
+def _task(argv: list[str] | None) -> str:
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", choices=TASKS, default="perplexity")
+    return task.parse_known_args(argv)[0].task
+
+
+def main(argv: list[str] | None = None) -> dict:
+    if _task(argv) == "recall":
+        from .recall import main as recall
+
+        return recall(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
+    check_layers(parser, args.layers, args.layer_list, model)
+    try:
+        documents = select_documents(tokenizer, args.data, args.split, args.max_docs, args.max_tokens,
+                                     args.min_tokens, args.segment)
+    except ValueError as err:
+        raise SystemExit(f"knnmem eval: {err}") from None
+    result = evaluate_perplexity(model, description, documents, run_settings(args), recorded_settings(args),
+                                 world, rank)
+    if rank == 0:
+        print_table(result)
+        write_json(args.json, result)
+        save_plot(result, plot_path(args))
+    if world > 1:
+        dist.destroy_process_group()
+    return result

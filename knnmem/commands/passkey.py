@@ -1,0 +1,57 @@
+"""`knnmem passkey`: can the model find a key hidden deep in a long text (the standard long-range test)?
+
+    knnmem passkey                                       # 4K and 16K tokens, 3 depths, 2 trials each
+    knnmem passkey --lengths 4096 16384 65536 --depths 0.1 0.5 0.9 --trials 4
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..eval import passkey
+from ..eval.passkey import CONFIGS, evaluate_configs, native_context, plot_passkey, print_passkey
+from ..eval.report import write_json
+from .common import check_positive, default_device, load_or_exit
+
+# The help page: the usage lines above, then the task as knnmem.eval.passkey describes it.
+DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knnmem passkey", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--trials", type=int, default=2, help="random keys per (length, depth)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--segment", type=int, default=512)
+    p.add_argument("--memory", type=int, default=65536)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="eval_results/passkey.json")
+    p.add_argument("--device", default=default_device())
+    return p
+
+
+def validate(parser: argparse.ArgumentParser, args) -> None:
+    check_positive(parser, args, "segment", "memory", "topk", "trials")
+    if any(n <= args.segment for n in args.lengths):
+        parser.error(f"--lengths must all exceed --segment ({args.segment}), got {args.lengths}")
+    if any(not 0 <= d <= 1 for d in args.depths):
+        parser.error(f"--depths must be fractions in [0, 1], got {args.depths}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    model, tokenizer, description = load_or_exit(parser, args.model, args.device)
+    results = evaluate_configs(model, tokenizer, args.configs, args.lengths, args.depths, args.trials,
+                               args.segment, args.memory, args.topk, args.seed)
+    payload = {"model": description, "settings": vars(args), "native_context": native_context(model),
+               "accuracy": results}
+    print_passkey(payload)
+    write_json(args.json, payload)
+    plot_passkey(results, os.path.splitext(args.json)[0] + ".png")
+    return payload

@@ -1,0 +1,98 @@
+"""`knnmem eval --task recall`: facts read once, asked later without them in the prompt.
+
+    knnmem eval --task recall                                  # 64 facts, every configuration
+    knnmem eval --task recall --facts 128 --configs none prompt knowledge-fp16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..eval import recall
+from ..eval.recall import CONFIGS, RecallRun, evaluate_recall, plot_recall, print_recall, unicode_facts
+from ..eval.report import write_json
+from ..knowledge import Storage
+from .common import check_positive, check_results_writable, default_device, load_or_exit, parse_layers
+
+# The help page: the usage lines above, then the task as knnmem.eval.recall describes it.
+DESCRIPTION = __doc__ + "\n" + recall.__doc__.split("\n\n", 1)[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knnmem eval --task recall", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["recall"], default="recall")
+    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--facts", type=int, default=64, help="facts stated, and asked")
+    p.add_argument("--facts-per-document", type=int, default=8)
+    p.add_argument("--choices", type=int, default=4, help="candidate answers per question (chance = 1 / choices)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", default="all", help='memory layers of the knowledge configs: "all", "15-29", ...')
+    p.add_argument("--topk", type=int, default=16,
+                   help="memories retrieved per query and head (16: best of 8-64 on facts of --seed 1)")
+    p.add_argument("--memorize-as", choices=["corpus", "documents"], default="corpus",
+                   help="memorise the documents as one text, the token stream `prompt` reads (default), "
+                        "or each document alone")
+    p.add_argument("--sparse-keep", type=int, default=8, help="knowledge-sparse: tokens kept per head ...")
+    p.add_argument("--sparse-chunk", type=int, default=128, help="... out of every this many")
+    p.add_argument("--pq-m", type=int, default=16, help="knowledge-pq: sub-quantisers per vector")
+    p.add_argument("--pq-bits", type=int, default=8, help="knowledge-pq: bits per code")
+    p.add_argument("--adapter-layer", type=int, default=None, help="block of the adapter (default: 75%% depth)")
+    p.add_argument("--adapter-steps", type=int, default=200)
+    p.add_argument("--adapter-lr", type=float, default=1e-3)
+    p.add_argument("--adapter-gate-init", type=float, default=0.0,
+                   help="initial gate of the adapter (0: the frozen model unchanged at the start)")
+    p.add_argument("--json", default="eval_results/recall.json")
+    p.add_argument("--device", default=default_device())
+    return p
+
+
+def plot_path(args) -> str:
+    return os.path.splitext(args.json)[0] + ".png"
+
+
+def validate(parser: argparse.ArgumentParser, args) -> None:
+    """Every option checked before the model loads; errors exit with the option's name."""
+    check_positive(parser, args, "facts", "facts_per_document", "topk", "sparse_keep", "sparse_chunk", "pq_m",
+                   "pq_bits", "adapter_steps")
+    if args.choices < 2 or args.choices > args.facts:
+        parser.error(f"--choices must be in [2, --facts={args.facts}], got {args.choices}")
+    if args.adapter_lr <= 0:
+        parser.error(f"--adapter-lr must be positive, got {args.adapter_lr}")
+    try:
+        args.layer_list = parse_layers(args.layers)
+        args.storage = {form: Storage(form, args.sparse_keep, args.sparse_chunk, args.pq_m, args.pq_bits)
+                        for form in ("fp16", "sparse", "pq")}
+        args.storage["sparse"].check(head_dim=1)
+        if not 1 <= args.pq_bits <= 16:
+            raise ValueError(f"--pq-bits must be in [1, 16], got {args.pq_bits}")
+        unicode_facts(args.facts, args.seed)
+    except ValueError as err:
+        parser.error(str(err))
+    check_results_writable(parser, [args.json, plot_path(args)])
+
+
+def run_settings(args) -> RecallRun:
+    return RecallRun(
+        configs=args.configs, facts=args.facts, facts_per_document=args.facts_per_document, choices=args.choices,
+        seed=args.seed, layers=args.layer_list, topk=args.topk, memorize_as=args.memorize_as, storage=args.storage,
+        adapter_layer=args.adapter_layer, adapter_steps=args.adapter_steps, adapter_lr=args.adapter_lr,
+        adapter_gate_init=args.adapter_gate_init)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    model, tokenizer, description = load_or_exit(parser, args.model, args.device)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if any(c == "knowledge-pq" for c in args.configs) and head_dim % args.pq_m:
+        parser.error(f"--pq-m must divide the model's head dim {head_dim}, got {args.pq_m}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("layer_list", "storage")}
+    payload = evaluate_recall(model, tokenizer, description, run_settings(args), settings)
+    print_recall(payload)
+    write_json(args.json, payload)
+    plot_recall(payload, plot_path(args))
+    return payload

@@ -1,0 +1,187 @@
+"""Long-document perplexity with and without memory, on the same tokens (what `knnmem eval` runs):
+the documents to read, the configurations, and the run that scores every document in each of
+them and gathers the results (summed over processes under torchrun)."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .. import corpus
+from ..patch import patch, unpatch
+from ..stream import windows
+from ..train.trainable import load_trained
+from .scoring import local_context, score_document, uses_memory
+
+DEFAULT_CONFIGS = ["none", "xl", "long", "xl+memory"]
+LONG_DOCUMENT = 16384  # default corpus: documents shorter than this (or max_tokens) are skipped
+
+
+@dataclass(frozen=True)
+class PerplexityRun:
+    """What an evaluation runs. configs: kinds of `knnmem.eval.scoring`, each once; memory kinds
+    with `memory` tokens of memory, and again at each other size of `memory_sweep` (named KIND@N).
+    segment: scored tokens per window; window: the context of `long`; max_tokens: the longest a
+    document is (for the sums by segment index). Memory kinds patch the model (`knnmem.patch`)
+    with layers (None: all), topk, mode, position, distance, memory_backend and pinned; with a
+    `checkpoint` (a `knnmem train` output) they run the fine-tuned retrofit, loaded once, instead."""
+
+    configs: Sequence[str] = tuple(DEFAULT_CONFIGS)
+    segment: int = 512
+    window: int = 2048
+    max_tokens: int = 16384
+    memory: int = 65536
+    memory_sweep: Sequence[int] = ()
+    pinned: int | None = None
+    topk: int = 32
+    layers: list[int] | None = None
+    mode: str = "joint"
+    position: str = "constant"
+    distance: int = 512
+    memory_backend: str = "auto"
+    checkpoint: str | None = None
+
+    @property
+    def segments_per_document(self) -> int:
+        return math.ceil(self.max_tokens / self.segment)
+
+    def configurations(self) -> list[tuple[str, str, int | None]]:
+        """(name, kind, memory size) for every configuration to run. With a checkpoint, the memory
+        configurations run last, on the fine-tuned retrofit loaded once."""
+        configs = []
+        for kind in self.configs:
+            configs.append((kind, kind, self.memory if uses_memory(kind) else None))
+            if uses_memory(kind):
+                configs += [(f"{kind}@{n}", kind, n) for n in self.memory_sweep if n != self.memory]
+        if self.checkpoint is not None:
+            configs.sort(key=lambda c: uses_memory(c[1]))
+        return configs
+
+    def memory_for(self, model, size: int):
+        """Patch `model` for a memory configuration (or load the fine-tuned checkpoint, once)."""
+        if self.checkpoint is not None:
+            return getattr(model, "knnmem", None) or load_trained(model, self.checkpoint)
+        return patch(model, layers=self.layers, topk=self.topk, max_memories=size, mode=self.mode,
+                     position=self.position, distance=self.distance, memory_backend=self.memory_backend,
+                     pinned=self.pinned)
+
+
+class Totals(NamedTuple):
+    """One configuration's sums: `sums` holds the nll sum, the tokens, then the nll sums and token
+    counts by segment index (for the plot); seconds: the slowest process's."""
+
+    kind: str
+    memory: int | None
+    sums: torch.Tensor
+    seconds: float
+    memory_settings: dict | None
+
+
+def select_documents(tokenizer, data: list[str] | None = None, split: str = "validation", max_docs: int = 1,
+                     max_tokens: int = 16384, min_tokens: int | None = None,
+                     segment: int = 512) -> list[tuple[str, torch.Tensor]]:
+    """Up to `max_docs` (path, token ids cut to `max_tokens`) of the documents in `data` (files,
+    directories or globs; None: the default corpus), of their `split` ("validation", "train" or
+    "all"), that have at least `min_tokens` tokens (default: two segments for `data`, else
+    max_tokens or LONG_DOCUMENT, the smaller). Raises ValueError if no document is long enough."""
+    paths = corpus.find_documents(data) if data else corpus.default_corpus()
+    if split != "all":
+        train, validation = corpus.split(paths)
+        paths = validation if split == "validation" else train
+    min_tokens = min_tokens or (2 * segment if data else min(max_tokens, LONG_DOCUMENT))
+    documents, short = [], []
+    for path in paths:
+        ids = tokenizer(corpus.read_text(path), add_special_tokens=False).input_ids
+        if len(ids) >= min_tokens:
+            documents.append((path, torch.tensor(ids[:max_tokens])))
+        else:
+            short.append(f"{os.path.basename(path)} ({len(ids)})")
+        if len(documents) == max_docs:
+            break
+    if not documents:
+        raise ValueError(f"no document of the {split} split has at least {min_tokens} tokens "
+                         f"(tokens per document: {', '.join(short[:10]) or 'no documents'})")
+    return documents
+
+
+def _score_config(model, documents: list[torch.Tensor], kind: str, handle, run: PerplexityRun,
+                  bar: tqdm) -> tuple[torch.Tensor, float]:
+    """(sums as in `Totals`, seconds) of this process's `documents` in one configuration."""
+    n_positions = run.segments_per_document
+    sums = torch.zeros(2 + 2 * n_positions, dtype=torch.float64)
+    start = time.perf_counter()
+    for ids in documents:
+        if handle is not None:
+            handle.reset()
+        nll = score_document(model, ids, kind, run.segment, run.window, on_segment=lambda: bar.update())
+        sums[0] += nll.sum()
+        sums[1] += nll.numel()
+        for index, chunk in enumerate(nll.split(run.segment)):
+            sums[2 + index] += chunk.sum()
+            sums[2 + n_positions + index] += chunk.numel()
+    return sums, time.perf_counter() - start
+
+
+def run_configs(model, documents: list[torch.Tensor], run: PerplexityRun, world: int = 1,
+                rank: int = 0) -> dict[str, Totals]:
+    """Score this process's `documents` (token ids) in every configuration of `run`; with
+    `world` > 1 processes, the sums are added up over them (seconds: the slowest)."""
+    configs = run.configurations()
+    segments = sum(len(windows(ids.numel(), run.segment, 0)) for ids in documents)
+    bar = tqdm(total=segments * len(configs), desc="eval", unit="seg", disable=rank != 0)
+    totals = {}
+    for name, kind, size in configs:
+        bar.set_description(name)
+        handle = None
+        if uses_memory(kind):
+            handle = run.memory_for(model, size)
+            size = handle.max_memories
+        sums, elapsed = _score_config(model, documents, kind, handle, run, bar)
+        seconds = torch.tensor([elapsed], dtype=torch.float64)
+        if handle is not None and run.checkpoint is None:
+            unpatch(model)
+        if world > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        totals[name] = Totals(kind, size, sums, float(seconds), handle.settings if handle is not None else None)
+    bar.close()
+    return totals
+
+
+def config_results(totals: dict[str, Totals], run: PerplexityRun) -> dict[str, dict]:
+    """Perplexity, tokens, speed and perplexity by segment index of each configuration."""
+    n_positions = run.segments_per_document
+    results = {}
+    for name, (kind, size, sums, seconds, memory_settings) in totals.items():
+        nll, tokens = sums[0].item(), int(sums[1].item())
+        counts = sums[2 + n_positions:]
+        results[name] = {
+            "kind": kind, "memory": size, "memory_settings": memory_settings,
+            "local_context": local_context(kind, run.segment, run.window),
+            "ppl": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ppl_by_segment": [math.exp(s / c) for s, c in zip(sums[2:2 + n_positions].tolist(), counts.tolist()) if c],
+        }
+    return results
+
+
+def evaluate_perplexity(model, description: str, documents: list[tuple[str, torch.Tensor]], run: PerplexityRun,
+                        settings: dict | None = None, world: int = 1, rank: int = 0) -> dict:
+    """The result of `knnmem eval`: every configuration of `run` over `documents` ((path, ids),
+    from `select_documents`; process `rank` of `world` reads its share). `settings` is recorded
+    as given."""
+    totals = run_configs(model, [ids for _, ids in documents[rank::world]], run, world, rank)
+    return {
+        "model": description,
+        "documents": [{"name": corpus.display_name(path), "tokens": ids.numel()} for path, ids in documents],
+        "world_size": world,
+        "settings": settings or {},
+        "configs": config_results(totals, run),
+    }
