@@ -1,11 +1,11 @@
-"""The `knnmem` command: `knnmem eval` (perplexity), `knnmem passkey` (retrieval) and
-`knnmem train` (fine-tuning a retrofit)."""
+"""The `knnmem` command: `knnmem eval` (perplexity), `knnmem passkey` (retrieval), `knnmem train`
+(fine-tuning a retrofit) and `knnmem calibrate` (choosing the heads that read memory)."""
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("eval", "passkey", "train")
-USAGE = "usage: knnmem {eval,passkey,train} [options]   (knnmem eval --help, knnmem train --help, ...)"
+COMMANDS = ("eval", "passkey", "train", "calibrate")
+USAGE = "usage: knnmem {eval,passkey,train,calibrate} [options]   (knnmem eval --help, knnmem train --help, ...)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
         from .commands.eval import main as run
     elif argv[0] == "passkey":
         from .commands.passkey import main as run
+    elif argv[0] == "calibrate":
+        from .commands.calibrate import main as run
     else:
         from .commands.train import main as run
     run(argv[1:])

@@ -30,6 +30,19 @@ def default_corpus(count: int = 200) -> list[str]:
     return paths[:count]
 
 
+# The default documents of `knnmem eval` (held out: no setting is chosen on them): one per genre,
+# each long enough (>= 32K tokens of SmolLM2's tokenizer) that memory is the only way to see their
+# beginning from their end. And the calibration documents that settings are chosen on.
+EVAL_DOCUMENTS = {"code": "_pydecimal.py", "prose": "pydoc_data/topics.py"}  # 61K and 172K tokens
+CALIBRATION_DOCUMENTS = {"code": "tkinter/__init__.py", "prose": "pydoc_data/topics.py"}  # 44K tokens; ...
+CALIBRATION_PROSE_START = 131072  # ... and topics.py from token 128K on: other help topics than the eval's first 32K
+
+
+def stdlib_documents(names: dict[str, str]) -> dict[str, str]:
+    """{genre: absolute path} of standard-library files named relative to the library's root."""
+    return {genre: os.path.join(stdlib_directory(), name) for genre, name in names.items()}
+
+
 def find_documents(patterns: list[str]) -> list[str]:
     """Expand files, directories (recursively, text-like suffixes) and glob patterns."""
     found: list[str] = []

@@ -66,6 +66,11 @@ def projection_names(model: nn.Module, layers: list[int]) -> list[str]:
     return names
 
 
+def native_context(model: nn.Module) -> int | None:
+    """The positions the model was trained on (its config's max_position_embeddings), if known."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def stores_weights_transposed(model: nn.Module) -> bool:
     """GPT-2's Conv1D keeps (in, out) weights: LoRA needs fan_in_fan_out there."""
     return model_type(model) == "gpt2"

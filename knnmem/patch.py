@@ -209,6 +209,15 @@ def patch_with_settings(model: nn.Module, settings: object, path: str) -> Memory
     return patch(model, **settings)
 
 
+def saved_settings(directory: str | os.PathLike) -> dict:
+    """The patch settings saved by `save_patch` in `directory` (ValueError if there are none)."""
+    path = os.path.join(directory, _PATCH_FILE)
+    _, settings = read_tensors_and_json(path, "knnmem_patch", "knnmem patch file")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: no knnmem_patch settings")
+    return settings
+
+
 def load_patch(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle:
     """Patch `model` with the settings saved by `save_patch` and restore its trained gates and
     memory scales. Returns the handle (memories start empty)."""

@@ -1,6 +1,6 @@
 """`knnmem eval`: long-document perplexity with and without memory, on the same tokens.
 
-    knnmem eval                                   # bundled SmolLM2-135M, stdlib corpus, defaults
+    knnmem eval                                   # bundled SmolLM2-135M, code + prose documents of 32K tokens
     knnmem eval --data 'docs/**/*.txt' --max-docs 8 --configs none xl+memory
     knnmem eval --configs none xl+memory --memory-sweep 512 1024 2048 4096
     knnmem eval --checkpoint runs/train           # memory configs use a retrofit fine-tuned by knnmem train
@@ -16,7 +16,10 @@ import torch.distributed as dist
 
 from .. import corpus
 from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
-from ..eval.report import print_table, save_plot, write_json
+from ..eval.model import BUNDLED_CALIBRATION
+from ..hf import native_context
+from ..patch import saved_settings
+from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
 from ..positions import POLICIES
 from ..search import BACKENDS
@@ -27,7 +30,7 @@ from .common import (check_layers, check_positive, check_results_writable, defau
 TASKS = ("perplexity", "recall")
 # Memory settings a fine-tuned checkpoint fixes (it was trained with them).
 CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "layers", "mode", "position", "distance",
-                       "memory_backend")
+                       "memory_backend", "heads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="perplexity",
                    help="perplexity (this page) or recall (see knnmem eval --task recall --help)")
     p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--data", nargs="+", help="files, directories or globs (default: largest stdlib .py files)")
+    p.add_argument("--data", nargs="+",
+                   help="files, directories or globs, or 'stdlib' for the largest stdlib .py files (default: "
+                        "one code and one prose document of the standard library, " +
+                        ", ".join(corpus.EVAL_DOCUMENTS.values()) + ")")
     p.add_argument("--split", choices=["validation", "train", "all"], default=None,
                    help="documents of the reproducible by-document split to evaluate (default: validation "
-                        "for the default corpus, all for --data)")
-    p.add_argument("--max-docs", type=int, default=1, help="documents to evaluate (largest first)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="tokens read from each document")
+                        "for --data stdlib, all otherwise)")
+    p.add_argument("--max-docs", type=int, default=None,
+                   help="documents to evaluate (default: both default documents; 1 with --data)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="tokens read from each document")
     p.add_argument("--min-tokens", type=int, default=None,
                    help="skip documents shorter than this (default corpus: 16384 or --max-tokens if smaller; "
                         "--data: two segments)")
@@ -59,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--position", choices=POLICIES, default="constant")
     p.add_argument("--distance", type=int, default=512, help="distance of --position constant")
     p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")
-    p.add_argument("--window", type=int, default=2048, help="context window of the `long` configuration")
+    p.add_argument("--window", type=int, default=None,
+                   help="context window of the `long` configuration (default: the model's native context)")
+    p.add_argument("--heads", default="calibrated",
+                   help="heads that read memory: 'all', a `knnmem calibrate` output directory, or 'calibrated' "
+                        "(default: the committed calibration of the bundled model; every head for other models)")
     p.add_argument("--checkpoint", default=None,
                    help="a `knnmem train` output directory: memory configs run the fine-tuned retrofit "
                         "(its memory settings replace --layers, --mode, --memory, ...)")
@@ -75,12 +86,16 @@ def plot_path(args) -> str:
 
 def validate(parser: argparse.ArgumentParser, args) -> None:
     """Every option checked before anything slow starts; errors exit with the option's name."""
-    check_positive(parser, args, "max_docs", "max_tokens", "segment", "memory", "topk", "window")
+    if args.max_docs is None:
+        args.max_docs = 1 if args.data else len(corpus.EVAL_DOCUMENTS)
+    check_positive(parser, args, "max_docs", "max_tokens", "segment", "memory", "topk")
+    if args.window is not None and args.window <= 0:
+        parser.error(f"--window must be a positive integer, got {args.window}")
     if args.max_tokens < 2 * args.segment:
         parser.error(f"--max-tokens ({args.max_tokens}) must hold at least two segments of --segment {args.segment}")
     if args.min_tokens is not None and args.min_tokens < 2:
         parser.error(f"--min-tokens must be at least 2, got {args.min_tokens}")
-    if args.window < args.segment:
+    if args.window is not None and args.window < args.segment:
         parser.error(f"--window ({args.window}) must be at least --segment ({args.segment})")
     if args.distance < 0:
         parser.error(f"--distance must be >= 0, got {args.distance}")
@@ -95,9 +110,29 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(str(err))
     check_results_writable(parser, [args.json, plot_path(args)])
     if args.split is None:
-        args.split = "all" if args.data else "validation"
+        args.split = "validation" if args.data == ["stdlib"] else "all"
     if args.checkpoint is not None:
         _validate_checkpoint(parser, args)
+    args.head_pairs = _heads(parser, args)
+
+
+def _heads(parser: argparse.ArgumentParser, args) -> list[list[int]] | None:
+    """--heads as (layer, head) pairs, None for every head."""
+    if args.heads == "all" or args.checkpoint is not None:
+        return None
+    if args.heads == "calibrated":
+        if args.model is not None or args.layer_list is not None:
+            return None  # no calibration of this model, or memory placed by --layers
+        directory = BUNDLED_CALIBRATION
+    else:
+        directory = args.heads
+    try:
+        heads = saved_settings(directory).get("heads")
+    except ValueError as err:
+        parser.error(f"--heads {args.heads!r}: {err}")
+    if args.layer_list is not None and heads is not None:
+        parser.error("--layers and a calibration's --heads both choose where memory is: give --heads all with --layers")
+    return heads
 
 
 def _validate_checkpoint(parser: argparse.ArgumentParser, args) -> None:
@@ -113,12 +148,12 @@ def run_settings(args) -> PerplexityRun:
         configs=args.configs, segment=args.segment, window=args.window, max_tokens=args.max_tokens,
         memory=args.memory, memory_sweep=args.memory_sweep, pinned=args.pinned, topk=args.topk,
         layers=args.layer_list, mode=args.mode, position=args.position, distance=args.distance,
-        memory_backend=args.memory_backend, checkpoint=args.checkpoint)
+        memory_backend=args.memory_backend, heads=args.head_pairs, checkpoint=args.checkpoint)
 
 
 def recorded_settings(args) -> dict:
     """The options as the results record them (no paths of this machine)."""
-    return {**{k: v for k, v in vars(args).items() if k != "layer_list"},
+    return {**{k: v for k, v in vars(args).items() if k not in ("layer_list", "head_pairs")},
             "data": [corpus.display_name(p) for p in args.data] if args.data else None,
             "checkpoint": corpus.display_name(os.path.normpath(args.checkpoint)) if args.checkpoint else None}
 
@@ -139,13 +174,26 @@ def main(argv: list[str] | None = None) -> dict:
     validate(parser, args)
     model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
     check_layers(parser, args.layers, args.layer_list, model)
+    if args.window is None:
+        args.window = native_context(model) or 2048
+    data = args.data
+    if data is None:
+        data = list(corpus.stdlib_documents(corpus.EVAL_DOCUMENTS).values())
+    elif data == ["stdlib"]:
+        data = None  # select_documents: the default corpus
     try:
-        documents = select_documents(tokenizer, args.data, args.split, args.max_docs, args.max_tokens,
+        documents = select_documents(tokenizer, data, args.split, args.max_docs, args.max_tokens,
                                      args.min_tokens, args.segment)
     except ValueError as err:
         raise SystemExit(f"knnmem eval: {err}") from None
+
+    def report(partial: dict) -> None:  # each configuration's row as it finishes, and the JSON so far
+        if rank == 0:
+            print_row(partial, list(partial["configs"])[-1])
+            write_json(args.json, partial, quiet=True)
+
     result = evaluate_perplexity(model, description, documents, run_settings(args), recorded_settings(args),
-                                 world, rank)
+                                 world, rank, on_result=report)
     if rank == 0:
         print_table(result)
         write_json(args.json, result)

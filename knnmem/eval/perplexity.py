@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,7 +31,8 @@ class PerplexityRun:
     segment: scored tokens per window; window: the context of `long`; max_tokens: the longest a
     document is (for the sums by segment index). Memory kinds patch the model (`knnmem.patch`)
     with layers (None: all), topk, mode, position, distance, memory_backend and pinned; with a
-    `checkpoint` (a `knnmem train` output) they run the fine-tuned retrofit, loaded once, instead."""
+    `checkpoint` (a `knnmem train` output) they run the fine-tuned retrofit, loaded once, instead.
+    heads: the (layer, head) pairs that read memory (e.g. a calibration's); None: every head."""
 
     configs: Sequence[str] = tuple(DEFAULT_CONFIGS)
     segment: int = 512
@@ -46,6 +47,7 @@ class PerplexityRun:
     position: str = "constant"
     distance: int = 512
     memory_backend: str = "auto"
+    heads: list[list[int]] | None = None  # (layer, head) pairs that read memory (a calibration); None: all
     checkpoint: str | None = None
 
     @property
@@ -70,12 +72,13 @@ class PerplexityRun:
             return getattr(model, "knnmem", None) or load_trained(model, self.checkpoint)
         return patch(model, layers=self.layers, topk=self.topk, max_memories=size, mode=self.mode,
                      position=self.position, distance=self.distance, memory_backend=self.memory_backend,
-                     pinned=self.pinned)
+                     pinned=self.pinned, heads=self.heads)
 
 
 class Totals(NamedTuple):
-    """One configuration's sums: `sums` holds the nll sum, the tokens, then the nll sums and token
-    counts by segment index (for the plot); seconds: the slowest process's."""
+    """One configuration's sums: `sums` holds the nll sum, the tokens, the nll sums and token
+    counts by segment index (for the plot), then the nll sums and token counts by document;
+    seconds: the slowest process's."""
 
     kind: str
     memory: int | None
@@ -111,30 +114,35 @@ def select_documents(tokenizer, data: list[str] | None = None, split: str = "val
     return documents
 
 
-def _score_config(model, documents: list[torch.Tensor], kind: str, handle, run: PerplexityRun,
-                  bar: tqdm) -> tuple[torch.Tensor, float]:
-    """(sums as in `Totals`, seconds) of this process's `documents` in one configuration."""
+def _score_config(model, documents: dict[int, torch.Tensor], n_documents: int, kind: str, handle,
+                  run: PerplexityRun, bar: tqdm) -> tuple[torch.Tensor, float]:
+    """(sums as in `Totals`, seconds) of this process's `documents` ({index: ids}) in one configuration."""
     n_positions = run.segments_per_document
-    sums = torch.zeros(2 + 2 * n_positions, dtype=torch.float64)
+    sums = torch.zeros(2 + 2 * n_positions + 2 * n_documents, dtype=torch.float64)
+    by_document = 2 + 2 * n_positions
     start = time.perf_counter()
-    for ids in documents:
+    for index, ids in documents.items():
         if handle is not None:
             handle.reset()
         nll = score_document(model, ids, kind, run.segment, run.window, on_segment=lambda: bar.update())
         sums[0] += nll.sum()
         sums[1] += nll.numel()
-        for index, chunk in enumerate(nll.split(run.segment)):
-            sums[2 + index] += chunk.sum()
-            sums[2 + n_positions + index] += chunk.numel()
+        for position, chunk in enumerate(nll.split(run.segment)):
+            sums[2 + position] += chunk.sum()
+            sums[2 + n_positions + position] += chunk.numel()
+        sums[by_document + index] += nll.sum()
+        sums[by_document + n_documents + index] += nll.numel()
     return sums, time.perf_counter() - start
 
 
-def run_configs(model, documents: list[torch.Tensor], run: PerplexityRun, world: int = 1,
-                rank: int = 0) -> dict[str, Totals]:
-    """Score this process's `documents` (token ids) in every configuration of `run`; with
-    `world` > 1 processes, the sums are added up over them (seconds: the slowest)."""
+def run_configs(model, documents: list[torch.Tensor], run: PerplexityRun, world: int = 1, rank: int = 0,
+                on_config: Callable[[dict[str, Totals]], None] | None = None) -> dict[str, Totals]:
+    """Score every configuration of `run` on this process's share of `documents` (token ids: every
+    `world`-th from `rank`); with `world` > 1 processes, the sums are added up over them (seconds:
+    the slowest). on_config(totals so far) is called after each configuration."""
     configs = run.configurations()
-    segments = sum(len(windows(ids.numel(), run.segment, 0)) for ids in documents)
+    mine = {i: ids for i, ids in enumerate(documents) if i % world == rank}
+    segments = sum(len(windows(ids.numel(), run.segment, 0)) for ids in mine.values())
     bar = tqdm(total=segments * len(configs), desc="eval", unit="seg", disable=rank != 0)
     totals = {}
     for name, kind, size in configs:
@@ -143,7 +151,7 @@ def run_configs(model, documents: list[torch.Tensor], run: PerplexityRun, world:
         if uses_memory(kind):
             handle = run.memory_for(model, size)
             size = handle.max_memories
-        sums, elapsed = _score_config(model, documents, kind, handle, run, bar)
+        sums, elapsed = _score_config(model, mine, len(documents), kind, handle, run, bar)
         seconds = torch.tensor([elapsed], dtype=torch.float64)
         if handle is not None and run.checkpoint is None:
             unpatch(model)
@@ -151,37 +159,46 @@ def run_configs(model, documents: list[torch.Tensor], run: PerplexityRun, world:
             dist.all_reduce(sums)
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         totals[name] = Totals(kind, size, sums, float(seconds), handle.settings if handle is not None else None)
+        if on_config is not None:
+            on_config(totals)
     bar.close()
     return totals
 
 
-def config_results(totals: dict[str, Totals], run: PerplexityRun) -> dict[str, dict]:
-    """Perplexity, tokens, speed and perplexity by segment index of each configuration."""
-    n_positions = run.segments_per_document
+def config_results(totals: dict[str, Totals], run: PerplexityRun, names: list[str]) -> dict[str, dict]:
+    """Perplexity, tokens, speed, perplexity by segment index and by document (`names`) of each
+    configuration."""
+    n_positions, n_documents = run.segments_per_document, len(names)
     results = {}
     for name, (kind, size, sums, seconds, memory_settings) in totals.items():
         nll, tokens = sums[0].item(), int(sums[1].item())
-        counts = sums[2 + n_positions:]
+        counts = sums[2 + n_positions:2 + 2 * n_positions]
+        by_document = sums[2 + 2 * n_positions:]
         results[name] = {
             "kind": kind, "memory": size, "memory_settings": memory_settings,
             "local_context": local_context(kind, run.segment, run.window),
             "ppl": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds,
             "ppl_by_segment": [math.exp(s / c) for s, c in zip(sums[2:2 + n_positions].tolist(), counts.tolist()) if c],
+            "ppl_by_document": {document: math.exp(s / c) for document, s, c in
+                                zip(names, by_document[:n_documents].tolist(), by_document[n_documents:].tolist())},
         }
     return results
 
 
 def evaluate_perplexity(model, description: str, documents: list[tuple[str, torch.Tensor]], run: PerplexityRun,
-                        settings: dict | None = None, world: int = 1, rank: int = 0) -> dict:
+                        settings: dict | None = None, world: int = 1, rank: int = 0,
+                        on_result: Callable[[dict], None] | None = None) -> dict:
     """The result of `knnmem eval`: every configuration of `run` over `documents` ((path, ids),
     from `select_documents`; process `rank` of `world` reads its share). `settings` is recorded
-    as given."""
-    totals = run_configs(model, [ids for _, ids in documents[rank::world]], run, world, rank)
-    return {
-        "model": description,
-        "documents": [{"name": corpus.display_name(path), "tokens": ids.numel()} for path, ids in documents],
-        "world_size": world,
-        "settings": settings or {},
-        "configs": config_results(totals, run),
-    }
+    as given. on_result(result so far) is called after each configuration (partial results)."""
+    names = [corpus.display_name(path) for path, _ in documents]
+
+    def result(totals: dict[str, Totals]) -> dict:
+        return {"model": description,
+                "documents": [{"name": name, "tokens": ids.numel()} for name, (_, ids) in zip(names, documents)],
+                "world_size": world, "settings": settings or {}, "configs": config_results(totals, run, names)}
+
+    totals = run_configs(model, [ids for _, ids in documents], run, world, rank,
+                         on_config=None if on_result is None else lambda partial: on_result(result(partial)))
+    return result(totals)

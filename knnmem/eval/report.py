@@ -1,7 +1,6 @@
 """Output of `knnmem eval`: a table on stdout, JSON with settings and machine, and a PNG plot."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -20,21 +19,39 @@ def environment() -> dict:
     }
 
 
+def _row(name: str, c: dict, base: float | None, documents: list[str]) -> str:
+    change = f"{100 * (c['ppl'] / base - 1):+.1f}%" if base else ""
+    per_document = "".join(f"{c['ppl_by_document'][d]:>12.3f}" for d in documents) if len(documents) > 1 else ""
+    return f"{name:<14}{c['ppl']:>9.3f}{change:>10}{per_document}{c['tokens']:>9}{c['tokens_per_s']:>10.1f}"
+
+
+def print_row(result: dict, name: str) -> None:
+    """One configuration's row, as soon as it is measured."""
+    base = result["configs"].get("none", {}).get("ppl")
+    documents = [d["name"] for d in result["documents"]]
+    print(f"\n{_row(name, result['configs'][name], base, documents)}", flush=True)
+
+
 def print_table(result: dict) -> None:
     configs = result["configs"]
     base = configs.get("none", {}).get("ppl")
-    print(f"\n{result['model']}: {len(result['documents'])} documents, segments of {result['settings']['segment']}")
-    print(f"{'config':<14}{'ppl':>9}{'vs none':>10}{'tokens':>9}{'tokens/s':>10}")
+    documents = [d["name"] for d in result["documents"]]
+    print(f"\n{result['model']}: {len(documents)} documents, segments of {result['settings']['segment']}")
+    heading = "".join(f"{os.path.basename(d)[:11]:>12}" for d in documents) if len(documents) > 1 else ""
+    print(f"{'config':<14}{'ppl':>9}{'vs none':>10}{heading}{'tokens':>9}{'tokens/s':>10}")
     for name, c in configs.items():
-        change = f"{100 * (c['ppl'] / base - 1):+.1f}%" if base else ""
-        print(f"{name:<14}{c['ppl']:>9.3f}{change:>10}{c['tokens']:>9}{c['tokens_per_s']:>10.1f}")
+        print(_row(name, c, base, documents))
 
 
-def write_json(path: str, result: dict) -> None:
+def write_json(path: str, result: dict, quiet: bool = False) -> None:
+    """The result with the machine's environment at `path`, atomically (a partial result after
+    each configuration is never left half-written)."""
+    from ..files import write_json as write_atomically
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({**result, "environment": environment()}, f, indent=2)
-    print(f"wrote {path}")
+    write_atomically(path, {**result, "environment": environment()}, indent=2)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def save_plot(result: dict, path: str) -> None:

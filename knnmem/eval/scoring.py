@@ -3,10 +3,15 @@
 The configurations differ only in the local context each segment is read with, and in memory:
 
 - `none`: the segment alone.
-- `xl`: the previous segment as extra local context (Transformer-XL-like, recomputed).
-- `long`: the model's own attention over a sliding window of `window` tokens ending with the segment.
+- `xl`: the previous segment as extra local context (Transformer-XL).
+- `long`: the model's own attention over a sliding window of `window` tokens (by default its
+  native context) ending with the segment.
 - `memory`: the segment alone, through the patched model, whose memory holds every earlier token.
 - `xl+memory`: the previous segment as local context, and memory holding every token before it.
+
+Rotary models are read by the cached reader (`knnmem.stream`: each token through the model once),
+which keeps the document's first 4 tokens (attention sinks) in every local context: `xl` and `long`
+are StreamingLLM's sinks + sliding window, at 1,024 tokens and at the native context.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..stream import read
+from ..stream import default_sinks, read
 
 KINDS = ("none", "xl", "long", "memory", "xl+memory")
 
@@ -25,7 +30,8 @@ def uses_memory(kind: str) -> bool:
 
 
 def local_context(kind: str, segment: int, window: int) -> int:
-    """Tokens of local context before each segment."""
+    """Tokens of local context before each segment (`long`: `window` in all, the native context
+    by default; with the cached reader every kind with a local context also keeps 4 sinks)."""
     if kind in ("xl", "xl+memory"):
         return segment
     if kind == "long":
@@ -44,8 +50,12 @@ def score_document(model, ids: torch.Tensor, kind: str, segment: int, window: in
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if uses_memory(kind) != (getattr(model, "knnmem", None) is not None):
         raise ValueError(f"kind {kind!r} needs a model {'patched' if uses_memory(kind) else 'not patched'} by knnmem")
+    context = local_context(kind, segment, window)
+    sinks = default_sinks(model, context)
+    if kind == "long":  # the window holds the sinks too, so that no position exceeds `window`
+        context = max(0, context - sinks)
     nll = []
-    for w, logits in read(model, ids[None], segment, local_context(kind, segment, window)):
+    for w, logits in read(model, ids[None], segment, context, sinks):
         targets = ids[w.a + 1:w.b + 1].to(logits.device)
         nll.append(F.cross_entropy(logits[0, : targets.numel()].float(), targets, reduction="none").double().cpu())
         if on_segment is not None:

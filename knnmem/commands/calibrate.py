@@ -1,0 +1,85 @@
+"""`knnmem calibrate`: choose the heads that read memory, on calibration documents (training-free).
+
+    knnmem calibrate --output runs/calibration          # bundled SmolLM2-135M, stdlib calibration documents
+    knnmem calibrate --counts 8 16 32 --max-tokens 8192 --output DIR
+    knnmem eval --heads DIR                             # memory configs read memory in those heads only
+
+Scores every (layer, head) by how much its output depends on what lies beyond its sinks and local
+window (`knnmem.eval.calibration`), then measures xl+memory with the top-N heads for each N of
+--counts (and with every head) on the same calibration documents, and keeps the best. Writes
+DIR/knnmem_patch.safetensors (`knnmem.load_patch`) and DIR/calibration.json (scores, perplexities).
+The calibration documents are never the eval's (`knnmem.corpus.CALIBRATION_DOCUMENTS`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from .. import corpus
+from ..eval.calibration import calibrate
+from ..eval.report import environment
+from ..files import write_json
+from ..patch import patch, save_patch, unpatch
+from .common import check_positive, check_results_writable, default_device, load_or_exit
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knnmem calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="calibration files (default: the standard library's " +
+                        ", ".join(corpus.CALIBRATION_DOCUMENTS.values()) + ", the latter from token "
+                        f"{corpus.CALIBRATION_PROSE_START} on)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens read from each document (default 16384)")
+    p.add_argument("--counts", type=int, nargs="+", default=[8, 16, 32, 64],
+                   help="numbers of heads to try (default: 8 16 32 64; every head is tried too)")
+    p.add_argument("--segment", type=int, default=512, help="tokens per segment (default 512)")
+    p.add_argument("--output", default="runs/calibration", help="directory of the results (default runs/calibration)")
+    p.add_argument("--device", default=default_device())
+    return p
+
+
+def calibration_documents(tokenizer, data: list[str] | None, max_tokens: int) -> list[torch.Tensor]:
+    """Token ids of the calibration documents, each cut to `max_tokens`."""
+    def ids_of(path: str, start: int = 0) -> torch.Tensor:
+        ids = tokenizer(corpus.read_text(path), add_special_tokens=False).input_ids
+        return torch.tensor(ids[start:start + max_tokens])
+
+    if data:
+        return [ids_of(path) for path in corpus.find_documents(data)]
+    paths = corpus.stdlib_documents(corpus.CALIBRATION_DOCUMENTS)
+    return [ids_of(paths["code"]), ids_of(paths["prose"], corpus.CALIBRATION_PROSE_START)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_positive(parser, args, "max_tokens", "segment")
+    if any(n <= 0 for n in args.counts):
+        parser.error(f"--counts must be positive integers, got {args.counts}")
+    if args.max_tokens < 2 * args.segment:
+        parser.error(f"--max-tokens ({args.max_tokens}) must hold at least two segments of --segment {args.segment}")
+    check_results_writable(parser, [os.path.join(args.output, CALIBRATION_FILE)])
+    try:
+        corpus.find_documents(args.data) if args.data else None
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    model, tokenizer, description = load_or_exit(parser, args.model, args.device)
+    documents = calibration_documents(tokenizer, args.data, args.max_tokens)
+    result = calibrate(model, documents, args.counts, args.segment)
+    patch(model, heads=result["heads"])
+    save_patch(model, args.output)
+    unpatch(model)
+    payload = {"model": description, "settings": vars(args), "documents": [int(d.numel()) for d in documents],
+               **result, "environment": environment()}
+    write_json(os.path.join(args.output, CALIBRATION_FILE), payload, indent=1)
+    for name, ppl in result["runs"].items():
+        print(f"{name:>5} heads: xl+memory perplexity {ppl:.3f} on the calibration documents")
+    print(f"kept {result['best']}; wrote {args.output}")
+    return payload
