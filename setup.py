@@ -13,6 +13,8 @@ setup(
     # so that `import kernels` never clashes with another package.
     packages=["knnmem", "knnmem.commands", "knnmem.eval", "knnmem.train", "knnmem.kernels"],
     package_dir={"knnmem.kernels": "kernels"},
+    # The committed head calibration of the bundled model (`knnmem calibrate`): data, read by `knnmem eval`.
+    package_data={"knnmem": ["calibrations/*/*"]},
     install_requires=[
         # A range, not a pin: GPU machines bring their own torch. On a CPU machine the README
         # installs torch==2.13.0 first, which satisfies this range, so nothing else is pulled.

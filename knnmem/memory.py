@@ -1,6 +1,8 @@
 """`KNNMemory`: a bounded per-(batch row, KV head) memory of keys and values, with kNN search.
 
-Storage is a ring buffer: `keys`, `values` of shape `(B, H, M, D)`. Row `b`'s n-th written token
+Storage is a ring buffer: `keys`, `values` of shape `(B, H, A, D)`, where the allocated slots A grow
+with what is written (doubling, from 256, up to the capacity M): a store sized for 65,536 memories
+that holds 8 tokens takes 256 slots, not 65,536. Row `b`'s n-th written token
 goes to slot `n` while the row has room; after that the oldest entries are overwritten first
 (FIFO), except the row's first `pinned` tokens (a document's attention sinks), which stay until
 the row is cleared. The valid slots of a row are always `[0, counts[b])`. Search results are slots, so an attention
@@ -21,6 +23,7 @@ from .rows import check_indices, gather_rows
 from .search import BACKENDS, auto_backend, make_backend
 
 _FORMAT_VERSION = 2
+_FIRST_ALLOCATION = 256  # slots per (row, head) allocated by the first write
 
 
 class KNNMemory:
@@ -67,7 +70,7 @@ class KNNMemory:
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         self.normalize = bool(normalize)
-        shape = (batch_size, heads, max_memories, head_dim)
+        shape = (batch_size, heads, 0, head_dim)  # slots are allocated as they are written (`_reserve`)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         # Tokens ever written per row since its last clear (on CPU: it drives Python control flow).
@@ -75,6 +78,19 @@ class KNNMemory:
         name = auto_backend(device, max_memories, self.normalize) if backend == "auto" else backend
         self._backend_options = dict(backend_options or {})
         self._search = make_backend(name, self, **self._backend_options)
+
+    def _reserve(self, slots: int) -> None:
+        """Allocate at least `slots` slots per (row, head) (at most M), keeping what is stored."""
+        allocated = self.keys.shape[2]
+        if slots <= allocated:
+            return
+        size = min(self.max_memories, max(slots, 2 * allocated, _FIRST_ALLOCATION))
+        B, H, _, D = self.keys.shape
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = torch.zeros(B, H, size, D, device=old.device, dtype=old.dtype)
+            new[:, :, :allocated] = old
+            setattr(self, name, new)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -149,6 +165,8 @@ class KNNMemory:
                 raise ValueError(f"{name} hold finite values beyond the range of the store's dtype {self.dtype}: "
                                  "scale them down or use a float32 store (dtype=torch.float32)")
         M, P = self.max_memories, self.pinned
+        new = torch.full((self.batch_size,), T) if mask is None else mask.sum(dim=1).cpu()
+        self._reserve(min(M, int((self.written + new).max())))
         for row in range(self.batch_size):
             tokens = torch.arange(T) if mask is None else mask[row].nonzero().flatten().cpu()
             n = tokens.numel()
@@ -216,7 +234,7 @@ class KNNMemory:
         Empty slots (-1) read as zeros. Attention code that can read rows by index (the Triton
         kernel) uses `keys`/`values` directly instead of this copy.
         """
-        check_indices(indices, self.max_memories)
+        check_indices(indices, self.keys.shape[2])
         group = indices.shape[1] // self.heads
         return gather_rows(self.keys, indices, group), gather_rows(self.values, indices, group)
 
@@ -254,8 +272,9 @@ class KNNMemory:
                 meta["batch_size"], meta["heads"], meta["head_dim"], meta["max_memories"],
                 backend=backend or meta["backend"], pinned=meta["pinned"], normalize=meta["normalize"],
                 device=device, dtype=getattr(torch, meta["dtype"]), backend_options=meta["backend_options"])
-            memory.keys.copy_(tensors["keys"])
-            memory.values.copy_(tensors["values"])
+            memory._reserve(tensors["keys"].shape[2])
+            memory.keys[:, :, :tensors["keys"].shape[2]] = tensors["keys"]
+            memory.values[:, :, :tensors["values"].shape[2]] = tensors["values"]
             memory.written.copy_(tensors["written"])
             if backend in (None, meta["backend"]):
                 memory._search.load_state(tensors)
@@ -292,18 +311,23 @@ def _validated_metadata(meta: object, tensors: dict[str, torch.Tensor]) -> dict:
     if meta["backend"] not in BACKENDS:
         raise ValueError(f"metadata field 'backend' must be one of {BACKENDS}, got {meta['backend']!r}")
     B, M = meta["batch_size"], meta["max_memories"]
-    shape = (B, meta["heads"], M, meta["head_dim"])
+    keys = tensors.get("keys")
+    allocated = keys.shape[2] if keys is not None and keys.ndim == 4 and keys.shape[2] <= M else M
+    shape = (B, meta["heads"], allocated, meta["head_dim"])  # slots allocated when saved, at most M
     for name, expected, dtype in (("keys", shape, meta["dtype"]), ("values", shape, meta["dtype"]),
                                   ("written", (B,), "int64")):
         x = tensors.get(name)
         if x is None or tuple(x.shape) != expected or str(x.dtype) != f"torch.{dtype}":
             got = "missing" if x is None else f"{tuple(x.shape)} {x.dtype}"
-            raise ValueError(f"tensor {name!r} must be {expected} {dtype}, got {got}")
+            raise ValueError(f"tensor {name!r} must be {expected} {dtype} (at most M={M} slots), got {got}")
     if not bool(torch.isfinite(tensors["keys"]).all() and torch.isfinite(tensors["values"]).all()):
         raise ValueError("tensors 'keys'/'values' contain NaN or inf")
     written = tensors["written"]
     if bool((written < 0).any() or (written >= _MAX_WRITTEN).any()):
         raise ValueError(f"tensor 'written' must hold token counts in [0, 2**53), got {written.tolist()}")
+    if int(written.clamp(max=M).max()) > allocated:
+        raise ValueError(f"tensor 'keys' holds {allocated} slots, fewer than the stored tokens that 'written' "
+                         f"counts ({written.tolist()}, at most M={M} each)")
     return meta
 
 

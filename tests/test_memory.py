@@ -413,3 +413,35 @@ def test_blocked_exact_search_equals_brute_force():
         expected_s, expected_i = full.topk(5, dim=-1)
         torch.testing.assert_close(scores[row, 0], expected_s)
         assert torch.equal(indices[row, 0], expected_i)
+
+
+def test_slots_grow_with_what_is_written_not_with_capacity(tmp_path):
+    memory = KNNMemory(2, 3, 8, max_memories=65536, normalize=False)
+    assert memory.keys.shape == (2, 3, 0, 8) and memory.keys.nbytes == 0
+    keys, values = torch.randn(2, 3, 700, 8), torch.randn(2, 3, 700, 8)
+    memory.add(keys[:, :, :8], values[:, :, :8])
+    assert memory.keys.shape[2] == 256  # 8 tokens: the first allocation, not 65,536 slots
+    memory.add(keys[:, :, 8:300], values[:, :, 8:300])
+    memory.add(keys[:, :, 300:], values[:, :, 300:])
+    assert memory.keys.shape[2] == 1024 and memory.counts.tolist() == [700, 700]
+    torch.testing.assert_close(memory.keys[:, :, :700], keys, atol=0, rtol=0)  # growth kept every row in place
+    torch.testing.assert_close(memory.values[:, :, :700], values, atol=0, rtol=0)
+    small = KNNMemory(1, 1, 8, max_memories=300, pinned=10)
+    small.add(torch.randn(1, 1, 1000, 8), torch.randn(1, 1, 1000, 8))
+    assert small.keys.shape[2] == 300  # never beyond the capacity
+    memory.save(tmp_path / "m.safetensors")
+    loaded = KNNMemory.load(tmp_path / "m.safetensors")
+    assert loaded.keys.shape[2] == 1024 and torch.equal(loaded.keys, memory.keys)
+
+
+def test_a_patched_models_memory_is_sized_by_what_it_read():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import knnmem
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                                         num_key_value_heads=2, intermediate_size=64, vocab_size=100)).eval()
+    handle = knnmem.patch(model)  # capacity 65,536 per (row, head)
+    with torch.no_grad():
+        model(torch.randint(100, (8, 8)))
+    assert handle.stats()["bytes"] == 2 * 2 * (8 * 2 * 256 * 8 * 4)  # layers x (keys, values) x 256 slots

@@ -1,0 +1,77 @@
+"""Where memory sits and what it returns, measured: xl+memory under each setting, on the calibration
+documents (never the eval's), beside its local-only twin xl, in one run.
+
+    python benchmarks/ablate_memory.py [--max-tokens 16384] [--only NAME ...]
+        [--json benchmarks/results/ablation_cpu.json]
+
+Every setting starts from the default retrofit of the bundled model (its committed head calibration,
+constant distance 512, top-32, joint softmax, 64 pinned tokens) and changes one thing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, write_json  # noqa: E402
+
+import knnmem  # noqa: E402
+from knnmem.commands.calibrate import calibration_documents  # noqa: E402
+from knnmem.eval.model import BUNDLED_CALIBRATION, load_model  # noqa: E402
+from knnmem.eval.scoring import score_document  # noqa: E402
+from knnmem.patch import saved_settings  # noqa: E402
+
+SETTINGS = {
+    "default (calibrated heads, distance 512)": {},
+    "every head": {"heads": None},
+    "distance 1024 (the local window's far edge)": {"distance": 1024},
+    "distance 2048 (beyond the local window)": {"distance": 2048},
+    "position start": {"position": "start"},
+    "top-8": {"topk": 8},
+    "top-128": {"topk": 128},
+    "no pinned tokens": {"pinned": 0},
+}
+
+
+def perplexity(model, documents, kind: str) -> tuple[list[float], float]:
+    """(perplexity per document, seconds) of `kind` over `documents`."""
+    start, ppls = time.perf_counter(), []
+    for ids in documents:
+        if getattr(model, "knnmem", None) is not None:
+            model.knnmem.reset()
+        ppls.append(math.exp(float(score_document(model, ids, kind, 512).mean())))
+    return ppls, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=16384)
+    parser.add_argument("--only", nargs="*", help="names of SETTINGS to run (default: all)")
+    parser.add_argument("--json", default="benchmarks/results/ablation_cpu.json")
+    args = parser.parse_args()
+    model, tokenizer, description = load_model()
+    documents = calibration_documents(tokenizer, None, args.max_tokens)
+    tokens = sum(d.numel() - 1 for d in documents)
+    calibrated = saved_settings(BUNDLED_CALIBRATION)["heads"]
+    ppls, seconds = perplexity(model, documents, "xl")
+    rows = {"xl (local only)": {"ppl": ppls, "tokens_per_s": tokens / seconds}}
+    print(f"{'xl (local only)':<46} code {ppls[0]:.3f}  prose {ppls[1]:.3f}  {tokens / seconds:6.1f} tokens/s", flush=True)
+    for name, change in SETTINGS.items():
+        if args.only and name not in args.only:
+            continue
+        options = {"heads": calibrated, **change}
+        knnmem.patch(model, **options)
+        ppls, seconds = perplexity(model, documents, "xl+memory")
+        knnmem.unpatch(model)
+        rows[name] = {"ppl": ppls, "tokens_per_s": tokens / seconds, "settings": change}
+        print(f"{name:<46} code {ppls[0]:.3f}  prose {ppls[1]:.3f}  {tokens / seconds:6.1f} tokens/s", flush=True)
+    write_json(args.json, {"model": description, "documents": ["tkinter/__init__.py (code)",
+                           "pydoc_data/topics.py from token 131072 (prose)"], "max_tokens": args.max_tokens,
+                           "calibrated_heads": len(calibrated), "results": rows, "machine": machine_info()})
+
+
+if __name__ == "__main__":
+    main()
