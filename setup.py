@@ -14,7 +14,7 @@ setup(
     packages=["knnmem", "knnmem.commands", "knnmem.eval", "knnmem.train", "knnmem.kernels"],
     package_dir={"knnmem.kernels": "kernels"},
     # The committed head calibration of the bundled model (`knnmem calibrate`): data, read by `knnmem eval`.
-    package_data={"knnmem": ["calibrations/*/*"]},
+    package_data={"knnmem": ["calibrations/*/*", "py.typed"]},
     install_requires=[
         # A range, not a pin: GPU machines bring their own torch. On a CPU machine the README
         # installs torch==2.13.0 first, which satisfies this range, so nothing else is pulled.

@@ -10,6 +10,11 @@ USAGE = "usage: knnmem {eval,passkey,train,calibrate} [options]   (knnmem eval -
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"knnmem {__version__}")
+        return
     if not argv or argv[0] not in COMMANDS:
         print(USAGE)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import os
 import re
 import uuid
@@ -115,8 +116,10 @@ class HeadPlan:
 class MemoryHandle:
     """The memory of a patched model: one `KNNMemory` per patched layer, created on first use.
 
-    Every forward of a memory layer writes to memory (all its new tokens, or inside `writing(first)`
-    only the first ones); `frozen()` reads without writing."""
+    The write rule: every forward of a memory layer writes its new tokens to memory after attending
+    (inside `writing(first)` only the first ones; inside `frozen()` none). A call that carries a KV
+    cache and writes warns once: its cache already holds what it would write. `reset()` (or
+    `document()`) starts a new document; nothing else forgets."""
 
     def __init__(self, model: nn.Module, settings: PatchSettings, placement: RotaryPlacement | None,
                  previous_attn_implementation: str, kv_heads: int, head_dim: int) -> None:
@@ -132,6 +135,7 @@ class MemoryHandle:
         self.training: dict | None = None  # what knnmem.train.prepare made trainable (saved with it)
         self._knowledge: KnowledgeMemory | None = None
         self._memorizing: Collector | None = None  # what memorize() collects of a text
+        self._warned_cache_write = False
 
     # The settings most callers read.
     layers = property(lambda self: list(self.patch_settings.layers))
@@ -140,6 +144,10 @@ class MemoryHandle:
     mode = property(lambda self: self.patch_settings.mode)
     logits = property(lambda self: self.patch_settings.logits)
     pinned = property(lambda self: self.patch_settings.pinned)
+
+    def __repr__(self) -> str:
+        stored = {i: m.counts.tolist() for i, m in sorted(self.memories.items())}
+        return f"MemoryHandle({self.patch_settings}, stored per layer and row={stored or 'nothing yet'})"
 
     @property
     def settings(self) -> dict:
@@ -334,6 +342,12 @@ class MemoryHandle:
             raise TypeError("knnmem expects a boolean attention mask (sdpa's mask builder)")
         if self._memorizing is not None:  # memorize(): local attention only, keys go to knowledge
             return self._memorize_window(module, query, key, value, attention_mask, scaling, position_ids)
+        if self.write_first is None and key.shape[2] > query.shape[2] and not self._warned_cache_write:
+            self._warned_cache_write = True
+            warnings.warn("a call with a KV cache (e.g. generate()) is writing its new tokens to knnmem memory, "
+                          "which its cache also holds: the model will see them twice. Read with "
+                          "`with model.knnmem.frozen():` (or `writing(first=n)`) to control what is written.",
+                          stacklevel=2)
         plan = self.plans[module.layer_idx]
         if plan is None:
             out = self._attend_with_memory(module, query, key, value, attention_mask, scaling, position_ids)

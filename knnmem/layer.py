@@ -172,6 +172,12 @@ class KNNAttention(CausalAttention):
             raise TypeError(f"memory must be a KNNMemory or None, got {type(memory).__name__}")
         self.memory, self._owns_memory = memory, memory is None
 
+    def extra_repr(self) -> str:
+        stored = self.memory.counts.tolist() if self.memory is not None else "none yet"
+        return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, topk={self.topk}, "
+                f"max_memories={self.max_memories}, mode={self.mode!r}, logits={self.logits!r}, "
+                f"pinned={self.pinned}, stored={stored}")
+
     def _memory_for(self, x: torch.Tensor) -> KNNMemory:
         self.memory = memory_for_batch(
             self.memory, x.shape[0], "reset_memory()", owned=self._owns_memory, heads=self.kv_heads, head_dim=self.head_dim,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ._checks import check_choice, check_dim, check_finite, check_floating, check_int, check_positive_int, check_tensor
 from .files import check_metadata_fields, read_tensors_and_json, save_tensors_and_json
 from .rows import check_indices, gather_rows
-from .search import BACKENDS, auto_backend, make_backend
+from .search import AUTO_EXACT_MAX_CPU, BACKENDS, auto_backend, make_backend
 
 _FORMAT_VERSION = 2
 _FIRST_ALLOCATION = 256  # slots per (row, head) allocated by the first write
@@ -37,7 +37,9 @@ class KNNMemory:
         pinned: the first `pinned` tokens written to a row after a clear are never overwritten
             (0 <= pinned < M); FIFO applies to the other M - pinned slots.
         backend: "auto" (default), "exact", "flat", "ivf" or "hnsw"; see `knnmem.search`.
-            The resolved choice is `memory.backend`.
+            The resolved choice is `memory.backend`. `auto` decides by what is stored: exact search,
+            and on a CPU for normalised keys of a capacity above 16384, IVF once a row holds 16384
+            keys (searched exactly until then).
         normalize: L2-normalise keys on write and queries on search (the paper's form).
             False keeps raw keys and searches by raw inner product (training-free retrofits).
         device: where the buffers live (default: CPU).
@@ -77,6 +79,8 @@ class KNNMemory:
         self.written = torch.zeros(batch_size, dtype=torch.long)
         name = auto_backend(device, max_memories, self.normalize) if backend == "auto" else backend
         self._backend_options = dict(backend_options or {})
+        if backend == "auto" and name == "ivf":  # by what is stored: exact until a row holds the crossover
+            self._backend_options.setdefault("min_train", AUTO_EXACT_MAX_CPU)
         self._search = make_backend(name, self, **self._backend_options)
 
     def _reserve(self, slots: int) -> None:

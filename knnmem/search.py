@@ -299,7 +299,7 @@ class IVFBackend(_PerRowHeadIndexes):
             self.trained_at[row] = int(self.memory.counts[row]) if indexes[0] is not None else 0
 
     def describe(self):
-        return f"ivf(nlist={self.nlist}, nprobe={self.nprobe})"
+        return f"ivf(nlist={self.nlist}, nprobe={self.nprobe}, exact below {self.min_train} keys)"
 
 
 class HNSWBackend(_PerRowHeadIndexes):

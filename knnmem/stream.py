@@ -90,7 +90,7 @@ def forward_window(model, ids: torch.Tensor, w: Window, sinks: int = 0) -> torch
             logits = model(tokens, use_cache=False).logits
     else:  # sinks never enter memory: read them frozen into a KV cache, then the rest writing
         written_sinks = 0 if prepended else n_sinks
-        cache, argument = _new_cache(model), _cache_argument(model)
+        cache, argument = _new_cache(model), cache_argument(model)
         with handle.frozen():
             head = model(tokens[:, :n_sinks], use_cache=True, **{argument: cache}).logits
         with handle.writing(first=max(0, w.write - written_sinks)):
@@ -99,7 +99,7 @@ def forward_window(model, ids: torch.Tensor, w: Window, sinks: int = 0) -> torch
     return logits[:, tokens.shape[1] - (w.b - w.a):]
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -131,7 +131,7 @@ class SlidingCache:
         self.handle = getattr(model, "knnmem", None)
         self.rotary = hf.rotary_embedding(model)
         self.cache = _new_cache(model)
-        self._argument = _cache_argument(model)
+        self._argument = cache_argument(model)
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
@@ -159,14 +159,16 @@ class SlidingCache:
             return
         if self.handle is not None:
             self.handle.add_from_cache(self.cache, sinks, n)
+        if first_kept < length:  # the angles of a shift by n positions, shared by every layer
+            k = self.cache.layers[0].keys
+            cos, sin = self.rotary(k, torch.full((k.shape[0], 1), n, device=k.device))
+            scaling = getattr(self.rotary, "attention_scaling", 1.0)
+            cos, sin = cos / scaling, sin / scaling
         for layer in self.cache.layers:
             k, v = layer.keys, layer.values
             kept_k = k[:, :, first_kept:]
             if kept_k.shape[2]:
-                shift = torch.full((k.shape[0], 1), n, device=k.device)
-                cos, sin = self.rotary(kept_k, shift)
-                scaling = getattr(self.rotary, "attention_scaling", 1.0)
-                kept_k = undo_rotary(kept_k, cos / scaling, sin / scaling)  # n positions earlier
+                kept_k = undo_rotary(kept_k, cos, sin)  # n positions earlier
             layer.keys = torch.cat([k[:, :, :sinks], kept_k], dim=2)
             layer.values = torch.cat([v[:, :, :sinks], v[:, :, first_kept:]], dim=2)
 

@@ -212,3 +212,19 @@ def test_recall_rejects_bad_options(tiny_model_dir, tmp_path, options, message, 
     with pytest.raises(SystemExit):
         eval_main(["--task", "recall", "--model", tiny_model_dir[0], "--json", str(tmp_path / "r.json"), *options])
     assert message in capsys.readouterr().err
+
+
+def test_passkey_sinks_and_window_continue_from_the_cache_like_the_whole_prompt(tiny_model_dir):
+    """While the prompt fits the sliding window, sinks+window answers exactly as the whole prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from knnmem.eval.passkey import make_prompt, model_answerer
+
+    model_dir, _ = tiny_model_dir
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # 512 native positions
+    full, window = (model_answerer(model, tokenizer, config, segment=64) for config in ("full", "sinks+window"))
+    for depth in (0.2, 0.8):
+        prompt = make_prompt(tokenizer, 300, depth, "12345")
+        assert window(prompt) == full(prompt)
+    assert isinstance(window(make_prompt(tokenizer, 1500, 0.5, "12345")), str)  # beyond the window: evicts

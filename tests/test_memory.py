@@ -445,3 +445,17 @@ def test_a_patched_models_memory_is_sized_by_what_it_read():
     with torch.no_grad():
         model(torch.randint(100, (8, 8)))
     assert handle.stats()["bytes"] == 2 * 2 * (8 * 2 * 256 * 8 * 4)  # layers x (keys, values) x 256 slots
+
+
+def test_auto_searches_exactly_until_the_store_holds_the_crossover():
+    """`auto` with a large capacity on a CPU picks IVF, but by what is stored: exact below 16384 keys."""
+    from knnmem.search import exact_search
+
+    memory = KNNMemory(1, 2, 16, max_memories=65536)
+    assert "exact below 16384" in memory.backend
+    keys = torch.randn(1, 2, 4096, 16)
+    memory.add(keys, keys)
+    queries = torch.randn(1, 2, 64, 16)
+    _, indices = memory.search(queries, 32)
+    _, expected = exact_search(memory.keys, memory.counts, torch.nn.functional.normalize(queries, dim=-1), 32)
+    assert torch.equal(indices, expected)  # recall 1.0 at 4,096 stored keys

@@ -290,3 +290,19 @@ def test_default_pins_the_first_tokens_of_a_document():
     assert knnmem.patch(model).pinned == 64
     knnmem.unpatch(model)
     assert knnmem.patch(model, max_memories=40).pinned == 20  # half of a smaller memory
+
+
+def test_generate_without_frozen_warns_once_that_it_writes_what_its_cache_holds():
+    model = tiny("llama")
+    handle = knnmem.patch(model, max_memories=256)
+    prompt = torch.randint(VOCAB, (1, 10))
+    with pytest.warns(UserWarning, match="KV cache"):
+        model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle.reset()
+        with handle.frozen():
+            model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)  # warned once already

@@ -8,7 +8,8 @@ import tempfile
 
 import torch
 
-from ..eval.model import load_model
+from ..eval.model import BUNDLED_CALIBRATION, load_model
+from ..patch import saved_settings
 
 
 def parse_layers(text: str) -> list[int] | None:
@@ -79,3 +80,15 @@ def start_command(parser: argparse.ArgumentParser, model: str | None, device: st
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def memory_heads(parser: argparse.ArgumentParser, option: str, model: str | None) -> list[list[int]] | None:
+    """--heads: "all" (None: every head), "calibrated" (the committed calibration of the bundled
+    model; every head for another --model) or a `knnmem calibrate` output directory."""
+    if option == "all" or (option == "calibrated" and model is not None):
+        return None
+    directory = BUNDLED_CALIBRATION if option == "calibrated" else option
+    try:
+        return saved_settings(directory).get("heads")
+    except ValueError as err:
+        parser.error(f"--heads {option!r}: {err}")

@@ -16,15 +16,13 @@ import torch.distributed as dist
 
 from .. import corpus
 from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
-from ..eval.model import BUNDLED_CALIBRATION
 from ..hf import native_context
-from ..patch import saved_settings
 from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
 from ..positions import POLICIES
 from ..search import BACKENDS
 from ..train.trainable import TRAINED_FILE
-from .common import (check_layers, check_positive, check_results_writable, default_device, parse_layers,
+from .common import (check_layers, check_positive, check_results_writable, default_device, memory_heads, parse_layers,
                      start_command)
 
 TASKS = ("perplexity", "recall")
@@ -118,18 +116,9 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
 
 def _heads(parser: argparse.ArgumentParser, args) -> list[list[int]] | None:
     """--heads as (layer, head) pairs, None for every head."""
-    if args.heads == "all" or args.checkpoint is not None:
-        return None
-    if args.heads == "calibrated":
-        if args.model is not None or args.layer_list is not None:
-            return None  # no calibration of this model, or memory placed by --layers
-        directory = BUNDLED_CALIBRATION
-    else:
-        directory = args.heads
-    try:
-        heads = saved_settings(directory).get("heads")
-    except ValueError as err:
-        parser.error(f"--heads {args.heads!r}: {err}")
+    if args.checkpoint is not None or (args.heads == "calibrated" and args.layer_list is not None):
+        return None  # the checkpoint's settings, or memory placed by --layers
+    heads = memory_heads(parser, args.heads, args.model)
     if args.layer_list is not None and heads is not None:
         parser.error("--layers and a calibration's --heads both choose where memory is: give --heads all with --layers")
     return heads

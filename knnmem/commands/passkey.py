@@ -10,9 +10,9 @@ import os
 
 from ..eval import passkey
 from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passkey
-from ..hf import native_context
 from ..eval.report import write_json
-from .common import check_positive, default_device, load_or_exit
+from ..hf import native_context
+from .common import check_positive, default_device, load_or_exit, memory_heads
 
 # The help page: the usage lines above, then the task as knnmem.eval.passkey describes it.
 DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=65536)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heads", default="calibrated",
+                   help="heads that read memory: 'all', a `knnmem calibrate` output directory, or 'calibrated' "
+                        "(default: the committed calibration of the bundled model; every head for other models)")
     p.add_argument("--json", default="eval_results/passkey.json")
     p.add_argument("--device", default=default_device())
     return p
@@ -47,9 +50,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
+    heads = memory_heads(parser, args.heads, args.model)
     model, tokenizer, description = load_or_exit(parser, args.model, args.device)
     results = evaluate_configs(model, tokenizer, args.configs, args.lengths, args.depths, args.trials,
-                               args.segment, args.memory, args.topk, args.seed)
+                               args.segment, args.memory, args.topk, args.seed, heads)
     payload = {"model": description, "settings": vars(args), "native_context": native_context(model),
                "accuracy": results}
     print_passkey(payload)

@@ -7,6 +7,8 @@ and a question at the end. Configurations:
 - `memory`: the prompt before those tokens is read in segments through the patched model (with the
   previous segment as local context, as `xl+memory` in `knnmem eval`); then the model answers
   from the last tokens, with memory frozen during `generate()`.
+- `sinks+window`: StreamingLLM: the prompt read once through the model's KV cache, which keeps the
+  first 4 tokens and a sliding window of the native context; the answer continues from that cache.
 - `full`: the whole prompt at once, where it fits the model's native context.
 The answer is generated greedily; a trial counts if the key appears in it.
 """
@@ -21,12 +23,12 @@ from tqdm import tqdm
 
 from ..hf import native_context
 from ..patch import patch, unpatch
-from ..stream import read
+from ..stream import DEFAULT_SINKS, SlidingCache, cache_argument, read
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
-CONFIGS = ("local", "memory", "full")
+CONFIGS = ("local", "memory", "sinks+window", "full")
 
 
 def make_prompt(tokenizer, length: int, depth: float, key: str) -> torch.Tensor:
@@ -73,6 +75,8 @@ def model_answerer(model, tokenizer, config: str, segment: int, max_new_tokens: 
             return generate(ids)
         if config == "local":
             return generate(ids[-segment:])
+        if config == "sinks+window":
+            return _answer_after_window(model, tokenizer, ids, segment, max_new_tokens)
         handle = patch(model, **patch_options)
         try:
             prefix = ids[:-segment]
@@ -86,17 +90,35 @@ def model_answerer(model, tokenizer, config: str, segment: int, max_new_tokens: 
     return answer
 
 
+@torch.no_grad()
+def _answer_after_window(model, tokenizer, ids: torch.Tensor, segment: int, max_new_tokens: int) -> str:
+    """sinks+window: read all but the last segment into a sliding KV cache that, with the last
+    segment and the answer, fits the native context; then generate from it."""
+    window = (native_context(model) or 2048) - segment - DEFAULT_SINKS - max_new_tokens
+    cache = SlidingCache(model, context=window, sinks=DEFAULT_SINKS)
+    prefix = ids[:-segment]
+    for start in range(0, prefix.numel(), segment):
+        cache.forward(prefix[None, start:start + segment])
+    # Positions already in the cache are placeholders: generate() reads only those after it.
+    prompt = torch.cat([torch.zeros(len(cache), dtype=torch.long), ids[-segment:]])[None].to(model.device)
+    out = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                         **{cache_argument(model): cache.cache})
+    return tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+
+
 def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], depths: list[float], trials: int,
-                     segment: int = 512, max_memories: int = 65536, topk: int = 32, seed: int = 0) -> dict:
+                     segment: int = 512, max_memories: int = 65536, topk: int = 32, seed: int = 0,
+                     heads: list | None = None) -> dict:
     """Accuracy {config: {length: {depth: fraction}}} (keys as strings) of each configuration; `full`
-    only at the lengths that fit the model's native context."""
+    only at the lengths that fit the model's native context. heads: the (layer, head) pairs that
+    read memory in `memory` (None: every head)."""
     native = native_context(model)
     results = {}
     bar = tqdm(total=len(configs) * len(lengths) * len(depths) * trials, unit="trial")
     for config in configs:
         fitting = [n for n in lengths if config != "full" or native is None or n <= native]
         bar.set_description(config)
-        answer = model_answerer(model, tokenizer, config, segment, max_memories=max_memories, topk=topk)
+        answer = model_answerer(model, tokenizer, config, segment, max_memories=max_memories, topk=topk, heads=heads)
         table = evaluate(answer, tokenizer, fitting, depths, trials, seed, bar)
         bar.update(len(depths) * trials * (len(lengths) - len(fitting)))
         results[config] = {str(n): {str(d): acc for d, acc in row.items()} for n, row in table.items()}
