@@ -33,6 +33,9 @@ SETTINGS = {
     "top-8": {"topk": 8},
     "top-128": {"topk": 128},
     "no pinned tokens": {"pinned": 0},
+    "distance 2048, memory bias -1": {"distance": 2048, "memory_bias": -1.0},
+    "distance 2048, memory bias -2": {"distance": 2048, "memory_bias": -2.0},
+    "distance 2048, memory bias -4": {"distance": 2048, "memory_bias": -4.0},
 }
 
 
@@ -51,14 +54,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--only", nargs="*", help="names of SETTINGS to run (default: all)")
     parser.add_argument("--json", default="benchmarks/results/ablation_cpu.json")
+    parser.add_argument("--no-baseline", action="store_true", help="skip xl (already measured in another run)")
     args = parser.parse_args()
     model, tokenizer, description = load_model()
     documents = calibration_documents(tokenizer, None, args.max_tokens)
     tokens = sum(d.numel() - 1 for d in documents)
     calibrated = saved_settings(BUNDLED_CALIBRATION)["heads"]
-    ppls, seconds = perplexity(model, documents, "xl")
-    rows = {"xl (local only)": {"ppl": ppls, "tokens_per_s": tokens / seconds}}
-    print(f"{'xl (local only)':<46} code {ppls[0]:.3f}  prose {ppls[1]:.3f}  {tokens / seconds:6.1f} tokens/s", flush=True)
+    rows = {}
+    if not args.no_baseline:
+        ppls, seconds = perplexity(model, documents, "xl")
+        rows["xl (local only)"] = {"ppl": ppls, "tokens_per_s": tokens / seconds}
+        print(f"{'xl (local only)':<46} code {ppls[0]:.3f}  prose {ppls[1]:.3f}  {tokens / seconds:6.1f} tokens/s",
+              flush=True)
     for name, change in SETTINGS.items():
         if args.only and name not in args.only:
             continue

@@ -18,6 +18,10 @@ The branches are combined by `mode`:
 - `joint`: one softmax over memory and local keys together, computed exactly from the two
   branches' log-sum-exps: out = w_l * local + w_m * memory, w_x = exp(lse_x - logaddexp(lse_l, lse_m)).
 
+`memory_bias` (joint only) adds one log-weight to every retrieved memory's logit: kNN-LM's
+interpolation weight as one softmax; 0 is the plain joint softmax, a negative bias lets memory
+win only where it matches clearly better than the local context.
+
 An `extra` memory branch (the knowledge memory: rows retrieved elsewhere and already attended,
 given as its (out, lse)) joins the memory branch: with `joint`, one softmax over local, memory
 and extra rows; with `gate`, the gated memory branch is one softmax over memory and extra rows.
@@ -34,7 +38,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_dim, check_floating, check_tensor
+from ._checks import check_choice, check_dim, check_floating, check_number, check_tensor
 from .rows import check_indices, flat_rows, gather_rows
 
 MODES = ("gate", "joint")
@@ -281,6 +285,7 @@ def knn_attention(
     attention_mask: torch.Tensor | None = None,
     memory_q: torch.Tensor | None = None,
     extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+    memory_bias: float = 0.0,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -299,6 +304,7 @@ def knn_attention(
         memory_q: (B, Hq, T, D) queries of the memory branch, default q. A rotary model reads its
             un-rotated memory keys with queries placed by a position policy (`knnmem.positions`).
         extra: (out (B, Hq, T, D), lse (B, Hq, T)) of a further memory branch (knowledge), or None.
+        memory_bias: log-weight added to every memory logit in mode="joint" (0: none).
         return_lse: also return the local and (whole) memory branch's log-sum-exps (B, Hq, T),
             float32 (-inf = empty).
         backend: "auto" (the fused Triton kernel for CUDA tensors, this PyTorch reference
@@ -318,20 +324,34 @@ def knn_attention(
                 or extra[0].shape != q.shape or extra[1].shape != q.shape[:3]):
             raise ValueError(f"extra must be (out {tuple(q.shape)}, lse {tuple(q.shape[:3])}) tensors")
     check_choice("backend", backend, BACKENDS)
+    check_memory_bias(memory_bias, mode)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return knn_attention_core(q, k, v, memory_keys, memory_values, indices, gate, scale, memory_scale, mode, logits,
-                              attention_mask, memory_q, extra, return_lse, backend)
+                              attention_mask, memory_q, extra, return_lse, backend, memory_bias)
+
+
+def check_memory_bias(memory_bias: object, mode: str) -> float:
+    """A finite log-weight, and only for the joint softmax (a gate already weighs memory)."""
+    bias = check_number("memory_bias", memory_bias)
+    if bias and mode != "joint":
+        raise ValueError(f"memory_bias applies to mode='joint' only, got {bias} with mode={mode!r}")
+    return bias
 
 
 def knn_attention_core(q, k, v, memory_keys, memory_values, indices, gate, scale: float, memory_scale, mode: str,
-                       logits: str, attention_mask, memory_q, extra, return_lse: bool, backend: str = "auto"):
-    """`knn_attention` on checked arguments (memory_q given, scale resolved): no checks here."""
-    if backend == "triton" or (backend == "auto" and q.is_cuda and (extra is None or mode == "joint")):
+                       logits: str, attention_mask, memory_q, extra, return_lse: bool, backend: str = "auto",
+                       memory_bias: float = 0.0):
+    """`knn_attention` on checked arguments (memory_q given, scale resolved): no checks here.
+    The kernel runs neither a memory bias nor an extra branch in gate mode: those take the torch path."""
+    kernel_can = (extra is None or mode == "joint") and not memory_bias
+    if backend == "triton" or (backend == "auto" and q.is_cuda and kernel_can):
         # The kernel takes a (B, S) key-padding mask; transformers hands over full masks.
         kernel_mask = key_padding_from_mask(attention_mask, q.shape[2], k.shape[2])
         obstacles = _triton_obstacles(q, kernel_mask)
         if backend == "triton" and extra is not None and mode == "gate":
             obstacles.append("an extra memory branch in gate mode (the kernel combines it in joint mode only)")
+        if backend == "triton" and memory_bias:
+            obstacles.append("a memory_bias (not in the kernel yet)")
         if backend == "triton" and obstacles:
             raise ValueError("backend='triton' cannot run here: " + "; ".join(obstacles))
         if not obstacles:
@@ -354,6 +374,8 @@ def knn_attention_core(q, k, v, memory_keys, memory_values, indices, gate, scale
         extra_out, extra_lse = extra[0].to(compute), extra[1].to(compute)
         memory_out = combine(memory_out, memory_lse, extra_out, extra_lse, "joint", None)
         memory_lse = torch.logaddexp(memory_lse, extra_lse)
+    if memory_bias:
+        memory_lse = memory_lse + memory_bias
     out = combine(local_out, local_lse, memory_out, memory_lse, mode, gate).to(q.dtype)
     if return_lse:
         return out, local_lse.float(), memory_lse.float()

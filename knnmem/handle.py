@@ -27,13 +27,14 @@ from tqdm import tqdm
 
 from ._checks import check_choice, check_int, check_positive_int
 from .files import read_json, write_json
-from .functional import LOGITS, MODES, knn_attention_core, local_attention
+from .functional import LOGITS, MODES, check_memory_bias, knn_attention_core, local_attention
 from .knowledge import Collector, KnowledgeMemory, Storage, texts_to_ids
 from .memory import KNNMemory, check_memory_options, memory_for_batch
 from .positions import POLICIES, RotaryPlacement
 
 GATE, SCALE = "knn_gate", "knn_memory_scale"  # the parameters `patch` adds to each memory layer
 DEFAULT_PINNED = 64  # first tokens of a document kept in a bounded memory (measured: README)
+DEFAULT_DISTANCE = 2048  # where memories sit: beyond the default local window (ablation: README)
 _HANDLE_FORMAT = 2
 _LAYER_FILE = re.compile(r"layer_(\d+)\.[0-9a-f]{12}\.safetensors")
 
@@ -49,10 +50,11 @@ class PatchSettings:
     mode: str = "joint"
     logits: str = "raw"
     position: str = "constant"
-    distance: int = 512
+    distance: int = DEFAULT_DISTANCE
     memory_backend: str = "auto"
     pinned: int = DEFAULT_PINNED
     heads: tuple[tuple[int, int], ...] | None = None  # (layer, query head) pairs with memory; None: all
+    memory_bias: float = 0.0  # log-weight of every memory in the joint softmax (`knnmem.functional`)
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not self.layers:
@@ -76,6 +78,7 @@ class PatchSettings:
         check_choice("position", self.position, POLICIES)
         check_int("distance", self.distance, minimum=0)
         check_memory_options(self.max_memories, self.memory_backend, self.pinned)
+        check_memory_bias(self.memory_bias, self.mode)
 
     def as_dict(self) -> dict:
         """JSON-ready keyword arguments of `knnmem.patch`."""
@@ -390,7 +393,7 @@ class MemoryHandle:
             extra = knowledge.attend(layer, memory_q, settings.topk, settings.logits, scaling, memory_scale)
         out = knn_attention_core(query, key, value, memory.keys, memory.values, indices.to(query.device), gate,
                                  scaling, memory_scale, settings.mode, settings.logits, attention_mask, memory_q,
-                                 extra, return_lse=False)
+                                 extra, return_lse=False, memory_bias=settings.memory_bias)
         n = T if self.write_first is None else min(self.write_first, T)
         if n:
             new_k, new_v = key[:, :, S - T:], value[:, :, S - T:]

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import hf
 from .files import read_tensors_and_json, save_tensors_and_json
-from .handle import DEFAULT_PINNED, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
+from .handle import DEFAULT_DISTANCE, DEFAULT_PINNED, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
 from .positions import RotaryPlacement
 
 ATTENTION_NAME = "knnmem"
@@ -60,11 +60,12 @@ def patch(
     mode: str = "joint",
     logits: str = "raw",
     position: str = "constant",
-    distance: int = 512,
+    distance: int = DEFAULT_DISTANCE,
     memory_backend: str = "auto",
     gate_init: float = 0.0,
     pinned: int | None = None,
     heads: dict[int, list[int]] | Iterable[tuple[int, int]] | None = None,
+    memory_bias: float = 0.0,
 ) -> MemoryHandle:
     """Turn attention layers of a transformers causal LM (GPT-2, GPT-NeoX/Pythia, Llama family)
     into kNN memory layers. Returns the `MemoryHandle` (also at `model.knnmem`).
@@ -88,6 +89,8 @@ def patch(
             patched layers are then those named here; heads without memory compute exactly what
             the unpatched head computes, and their KV heads are neither stored nor searched
             unless a memory head shares them.
+        memory_bias: log-weight added to every memory's logit in the joint softmax (0: none;
+            negative: memory must match clearly better than the local context to take attention).
     """
     hf.check_supported(model, "knnmem.patch")
     if getattr(model, "knnmem", None) is not None:
@@ -101,7 +104,7 @@ def patch(
         layers = named
     settings = PatchSettings(
         layers=_layer_list(layers, len(modules)), heads=head_pairs, topk=topk, max_memories=max_memories, mode=mode, logits=logits,
-        position=position, distance=distance, memory_backend=memory_backend,
+        position=position, distance=distance, memory_backend=memory_backend, memory_bias=memory_bias,
         pinned=_default_pinned(max_memories) if pinned is None else pinned)
     gate_init = check_gate_init(gate_init)
     rotary = hf.rotary_embedding(model)

@@ -178,3 +178,26 @@ def test_indices_out_of_range_are_refused_not_read_from_another_row(bad):
     for grad in (False, True):
         with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=r"indices must be slots in \[0, M=12\)"):
             knn_attention(q.requires_grad_(grad), k, v, mem_k, mem_v, idx, gate, memory_scale=scale)
+
+
+def test_memory_bias_is_a_log_weight_on_every_memory_in_the_joint_softmax():
+    """joint + raw + all memories + bias b == full attention with b added to every memory logit."""
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, D, M = 1, 4, 2, 6, 8, 10
+    memory = KNNMemory(B, Hkv, D, M, backend="exact", normalize=False)
+    old_k, old_v = torch.randn(B, Hkv, M, D, generator=g), torch.randn(B, Hkv, M, D, generator=g)
+    memory.add(old_k, old_v)
+    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    _, idx = memory.search(q, M)
+    all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+    for bias in (-3.0, 1.5):
+        out = knn_attention(q, k, v, memory.keys, memory.values, idx, mode="joint", logits="raw", memory_bias=bias)
+        additive = torch.cat([torch.full((T, M), bias), torch.zeros(T, T).masked_fill(
+            ~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)], dim=1)
+        expected = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=additive, enable_gqa=True)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="memory_bias applies to mode='joint' only"):
+        knn_attention(q, k, v, memory.keys, memory.values, idx, torch.zeros(Hq), mode="gate", logits="raw",
+                      memory_bias=-1.0)
+    with pytest.raises(ValueError, match="memory_bias must be a finite number"):
+        knn_attention(q, k, v, memory.keys, memory.values, idx, mode="joint", logits="raw", memory_bias=float("nan"))

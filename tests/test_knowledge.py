@@ -140,7 +140,8 @@ def test_generate_reads_knowledge_with_a_kv_cache():
     handle = knnmem.patch(model, topk=4)
     handle.memorize(_ids(30, 1), progress=False)
     with handle.frozen():
-        out = model.generate(_ids(6, 2)[None], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        out = model.generate(_ids(6, 2)[None], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
     assert out.shape == (1, 10) and all(len(m) == 0 for m in handle.memories.values())
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .. import corpus
 from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
+from ..handle import DEFAULT_DISTANCE
 from ..hf import native_context
 from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
     p.add_argument("--mode", choices=["joint", "gate"], default="joint")
     p.add_argument("--position", choices=POLICIES, default="constant")
-    p.add_argument("--distance", type=int, default=512, help="distance of --position constant")
+    p.add_argument("--distance", type=int, default=DEFAULT_DISTANCE, help="distance of --position constant")
     p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")
     p.add_argument("--window", type=int, default=None,
                    help="context window of the `long` configuration (default: the model's native context)")

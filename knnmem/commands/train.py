@@ -18,6 +18,7 @@ import time
 import torch.distributed as dist
 
 from .. import corpus
+from ..handle import DEFAULT_DISTANCE
 from ..patch import patch
 from ..positions import POLICIES
 from ..search import BACKENDS
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=int, default=65536, help="memory size (tokens per layer and head)")
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--position", choices=POLICIES, default="constant")
-    p.add_argument("--distance", type=int, default=512)
+    p.add_argument("--distance", type=int, default=DEFAULT_DISTANCE)
     p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")
     p.add_argument("--segment", type=int, default=d.segment, help="scored tokens per window")
     p.add_argument("--context", type=int, default=512, help="local context before each segment (512: xl+memory)")

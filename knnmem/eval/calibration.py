@@ -107,12 +107,14 @@ def calibrate(model, documents: Sequence[torch.Tensor], counts: Sequence[int], s
     measure = measure or (lambda m: _perplexity(m, documents, segment))
     runs, choices = {}, {"all": None}
     choices.update({str(n): choose_heads(scores, n) for n in counts})
-    for name, heads in choices.items():
+    bar = tqdm(choices.items(), desc="calibrate: measure", unit="choice", disable=not progress)
+    for name, heads in bar:
         patch(model, heads=heads, **patch_options)
         try:
             runs[name] = measure(model)
         finally:
             unpatch(model)
+        bar.set_postfix_str(f"{name} heads: {runs[name]:.3f}")
     best = min(runs, key=runs.get)
     return {"scores": scores.tolist(), "runs": runs, "best": best, "heads": choices[best]}
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import corpus
+from ..handle import DEFAULT_DISTANCE
 from ..patch import patch, unpatch
 from ..stream import windows
 from ..train.trainable import load_trained
@@ -45,7 +46,7 @@ class PerplexityRun:
     layers: list[int] | None = None
     mode: str = "joint"
     position: str = "constant"
-    distance: int = 512
+    distance: int = DEFAULT_DISTANCE
     memory_backend: str = "auto"
     heads: list[list[int]] | None = None  # (layer, head) pairs that read memory (a calibration); None: all
     checkpoint: str | None = None
