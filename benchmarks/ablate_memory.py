@@ -4,8 +4,8 @@ documents (never the eval's), beside its local-only twin xl, in one run.
     python benchmarks/ablate_memory.py [--max-tokens 16384] [--only NAME ...]
         [--json benchmarks/results/ablation_cpu.json]
 
-Every setting starts from the default retrofit of the bundled model (its committed head calibration,
-constant distance 512, top-32, joint softmax, 64 pinned tokens) and changes one thing.
+Every setting starts from the retrofit of the bundled model as it was calibrated (its committed head
+calibration, constant distance 512, top-32, joint softmax, 64 pinned tokens) and changes one or two things.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ SETTINGS = {
     "top-8": {"topk": 8},
     "top-128": {"topk": 128},
     "no pinned tokens": {"pinned": 0},
+    "distance 2048, top-8": {"distance": 2048, "topk": 8},
     "distance 2048, memory bias -1": {"distance": 2048, "memory_bias": -1.0},
     "distance 2048, memory bias -2": {"distance": 2048, "memory_bias": -2.0},
     "distance 2048, memory bias -4": {"distance": 2048, "memory_bias": -4.0},
@@ -69,7 +70,7 @@ def main() -> None:
     for name, change in SETTINGS.items():
         if args.only and name not in args.only:
             continue
-        options = {"heads": calibrated, **change}
+        options = {"heads": calibrated, "distance": 512, **change}
         knnmem.patch(model, **options)
         ppls, seconds = perplexity(model, documents, "xl+memory")
         knnmem.unpatch(model)

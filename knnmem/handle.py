@@ -35,6 +35,7 @@ from .positions import POLICIES, RotaryPlacement
 GATE, SCALE = "knn_gate", "knn_memory_scale"  # the parameters `patch` adds to each memory layer
 DEFAULT_PINNED = 64  # first tokens of a document kept in a bounded memory (measured: README)
 DEFAULT_DISTANCE = 2048  # where memories sit: beyond the default local window (ablation: README)
+DEFAULT_TOPK = 8  # memories retrieved per query and head (ablation: README)
 _HANDLE_FORMAT = 2
 _LAYER_FILE = re.compile(r"layer_(\d+)\.[0-9a-f]{12}\.safetensors")
 
@@ -45,7 +46,7 @@ class PatchSettings:
     checked once when built; saved by `save_patch` and `knnmem train` checkpoints."""
 
     layers: tuple[int, ...]
-    topk: int = 32
+    topk: int = DEFAULT_TOPK
     max_memories: int = 65536
     mode: str = "joint"
     logits: str = "raw"

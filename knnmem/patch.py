@@ -25,7 +25,7 @@ from torch import nn
 
 from . import hf
 from .files import read_tensors_and_json, save_tensors_and_json
-from .handle import DEFAULT_DISTANCE, DEFAULT_PINNED, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
+from .handle import DEFAULT_DISTANCE, DEFAULT_PINNED, DEFAULT_TOPK, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
 from .positions import RotaryPlacement
 
 ATTENTION_NAME = "knnmem"
@@ -55,7 +55,7 @@ def _register() -> None:
 def patch(
     model: nn.Module,
     layers: Iterable[int] | None = None,
-    topk: int = 32,
+    topk: int = DEFAULT_TOPK,
     max_memories: int = 65536,
     mode: str = "joint",
     logits: str = "raw",

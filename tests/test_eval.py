@@ -228,3 +228,27 @@ def test_passkey_sinks_and_window_continue_from_the_cache_like_the_whole_prompt(
         prompt = make_prompt(tokenizer, 300, depth, "12345")
         assert window(prompt) == full(prompt)
     assert isinstance(window(make_prompt(tokenizer, 1500, 0.5, "12345")), str)  # beyond the window: evicts
+
+
+def test_an_interrupted_eval_keeps_every_configuration_it_finished(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import knnmem.eval.perplexity as perplexity
+
+    model_dir, docs = tiny_model_dir
+    real, calls = perplexity.score_document, []
+
+    def interrupted_in_the_third_config(model, ids, kind, *args, **kwargs):
+        calls.append(kind)
+        if kind == "long":
+            raise KeyboardInterrupt
+        return real(model, ids, kind, *args, **kwargs)
+
+    monkeypatch.setattr(perplexity, "score_document", interrupted_in_the_third_config)
+    out = tmp_path / "eval.json"
+    with pytest.raises(KeyboardInterrupt):
+        eval_main(["--model", model_dir, "--data", docs, "--json", str(out), *EVAL_ARGS[:8],
+                   "--configs", "none", "xl", "long"])
+    saved = json.loads(out.read_text())
+    assert list(saved["configs"]) == ["none", "xl"] and saved["configs"]["xl"]["tokens"] == 4 * 95
+    assert set(saved["configs"]["none"]["ppl_by_document"]) == {f"doc{i}.py" for i in range(4)}
+    printed = capsys.readouterr().out
+    assert "none" in printed and "xl" in printed  # each row printed as it finished

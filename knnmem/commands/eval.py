@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import corpus
 from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
-from ..handle import DEFAULT_DISTANCE
+from ..handle import DEFAULT_DISTANCE, DEFAULT_TOPK
 from ..hf import native_context
 from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pinned", type=int, default=None,
                    help="first tokens of each document kept in memory when it overflows "
                         "(default: 64, or half the memory if smaller)")
-    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK)
     p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
     p.add_argument("--mode", choices=["joint", "gate"], default="joint")
     p.add_argument("--position", choices=POLICIES, default="constant")

@@ -11,6 +11,7 @@ import os
 from ..eval import passkey
 from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passkey
 from ..eval.report import write_json
+from ..handle import DEFAULT_TOPK
 from ..hf import native_context
 from .common import check_positive, default_device, load_or_exit, memory_heads
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--segment", type=int, default=512)
     p.add_argument("--memory", type=int, default=65536)
-    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heads", default="calibrated",
                    help="heads that read memory: 'all', a `knnmem calibrate` output directory, or 'calibrated' "

@@ -18,7 +18,7 @@ import time
 import torch.distributed as dist
 
 from .. import corpus
-from ..handle import DEFAULT_DISTANCE
+from ..handle import DEFAULT_DISTANCE, DEFAULT_TOPK
 from ..patch import patch
 from ..positions import POLICIES
 from ..search import BACKENDS
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["gate", "joint"], default="gate")
     p.add_argument("--logits", choices=["normalized", "raw"], default="normalized")
     p.add_argument("--memory", type=int, default=65536, help="memory size (tokens per layer and head)")
-    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK)
     p.add_argument("--position", choices=POLICIES, default="constant")
     p.add_argument("--distance", type=int, default=DEFAULT_DISTANCE)
     p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")

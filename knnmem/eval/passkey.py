@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from ..handle import DEFAULT_TOPK
 from ..hf import native_context
 from ..patch import patch, unpatch
 from ..stream import DEFAULT_SINKS, SlidingCache, cache_argument, read
@@ -107,7 +108,7 @@ def _answer_after_window(model, tokenizer, ids: torch.Tensor, segment: int, max_
 
 
 def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], depths: list[float], trials: int,
-                     segment: int = 512, max_memories: int = 65536, topk: int = 32, seed: int = 0,
+                     segment: int = 512, max_memories: int = 65536, topk: int = DEFAULT_TOPK, seed: int = 0,
                      heads: list | None = None) -> dict:
     """Accuracy {config: {length: {depth: fraction}}} (keys as strings) of each configuration; `full`
     only at the lengths that fit the model's native context. heads: the (layer, head) pairs that

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import corpus
-from ..handle import DEFAULT_DISTANCE
+from ..handle import DEFAULT_DISTANCE, DEFAULT_TOPK
 from ..patch import patch, unpatch
 from ..stream import windows
 from ..train.trainable import load_trained
@@ -42,7 +42,7 @@ class PerplexityRun:
     memory: int = 65536
     memory_sweep: Sequence[int] = ()
     pinned: int | None = None
-    topk: int = 32
+    topk: int = DEFAULT_TOPK
     layers: list[int] | None = None
     mode: str = "joint"
     position: str = "constant"
