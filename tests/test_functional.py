@@ -62,17 +62,22 @@ def test_open_gate_is_pure_memory_attention():
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
 
-def test_joint_raw_with_all_memories_equals_full_attention():
-    """joint + raw + exact search + k >= memory size == softmax over [all memory keys; local keys]."""
-    g = torch.Generator().manual_seed(4)
-    B, Hq, Hkv, T, D, M = 2, 4, 2, 6, 8, 10
+def _raw_memory_and_window(seed: int, B: int, Hq=4, Hkv=2, T=6, D=8, M=10):
+    """A full raw-key store of M memories, a window's q, k, v, and every key/value of both, joined."""
+    g = torch.Generator().manual_seed(seed)
     memory = KNNMemory(B, Hkv, D, M, backend="exact", normalize=False)
     old_k, old_v = torch.randn(B, Hkv, M, D, generator=g), torch.randn(B, Hkv, M, D, generator=g)
     memory.add(old_k, old_v)
     q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    return memory, q, k, v, torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+
+
+def test_joint_raw_with_all_memories_equals_full_attention():
+    """joint + raw + exact search + k >= memory size == softmax over [all memory keys; local keys]."""
+    T, M = 6, 10
+    memory, q, k, v, all_k, all_v = _raw_memory_and_window(4, B=2, T=T, M=M)
     _, idx = memory.search(q, M + 3)  # more than stored: the extra slots are empty (-1)
     out = knn_attention(q, k, v, memory.keys, memory.values, idx, mode="joint", logits="raw")
-    all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
     allowed = torch.cat([torch.ones(T, M, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], dim=1)
     expected = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=allowed, enable_gqa=True)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
@@ -182,14 +187,9 @@ def test_indices_out_of_range_are_refused_not_read_from_another_row(bad):
 
 def test_memory_bias_is_a_log_weight_on_every_memory_in_the_joint_softmax():
     """joint + raw + all memories + bias b == full attention with b added to every memory logit."""
-    g = torch.Generator().manual_seed(5)
-    B, Hq, Hkv, T, D, M = 1, 4, 2, 6, 8, 10
-    memory = KNNMemory(B, Hkv, D, M, backend="exact", normalize=False)
-    old_k, old_v = torch.randn(B, Hkv, M, D, generator=g), torch.randn(B, Hkv, M, D, generator=g)
-    memory.add(old_k, old_v)
-    q, k, v = (torch.randn(B, h, T, D, generator=g) for h in (Hq, Hkv, Hkv))
+    Hq, T, M = 4, 6, 10
+    memory, q, k, v, all_k, all_v = _raw_memory_and_window(5, B=1, Hq=Hq, T=T, M=M)
     _, idx = memory.search(q, M)
-    all_k, all_v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
     for bias in (-3.0, 1.5):
         out = knn_attention(q, k, v, memory.keys, memory.values, idx, mode="joint", logits="raw", memory_bias=bias)
         additive = torch.cat([torch.full((T, M), bias), torch.zeros(T, T).masked_fill(
