@@ -196,7 +196,7 @@ def test_train_cli_then_eval_checkpoint(tiny_model_dir, tmp_path, capsys):
     fresh = AutoModelForCausalLM.from_pretrained(model_dir)
     load_trained(fresh, out)  # the documented one call
     assert fresh.knnmem.layers == [1]
-    for bad, message in [(["--topk", "8"], "--topk comes from --checkpoint"),
+    for bad, message in [(["--topk", "16"], "--topk comes from --checkpoint"),
                          (["--checkpoint", str(tmp_path)], "holds no knnmem_trained")]:
         with pytest.raises(SystemExit):
             eval_main(["--model", model_dir, "--data", docs, "--json", str(tmp_path / "e.json"), "--checkpoint",
