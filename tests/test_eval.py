@@ -252,3 +252,16 @@ def test_an_interrupted_eval_keeps_every_configuration_it_finished(tiny_model_di
     assert set(saved["configs"]["none"]["ppl_by_document"]) == {f"doc{i}.py" for i in range(4)}
     printed = capsys.readouterr().out
     assert "none" in printed and "xl" in printed  # each row printed as it finished
+
+
+def test_passkey_checks_its_output_before_loading_and_writes_after_each_config(tiny_model_dir, tmp_path, capsys):
+    from knnmem.commands.passkey import main as passkey_main
+
+    model_dir, _ = tiny_model_dir
+    with pytest.raises(SystemExit):
+        passkey_main(["--model", model_dir, "--json", str(tmp_path), "--lengths", "200", "--segment", "64"])  # a folder
+    assert "cannot write results" in capsys.readouterr().err
+    out = tmp_path / "p.json"
+    passkey_main(["--model", model_dir, "--json", str(out), "--lengths", "200", "--depths", "0.5", "--trials", "1",
+                  "--segment", "64", "--configs", "local", "full", "--heads", "all"])
+    assert set(json.loads(out.read_text())["accuracy"]) == {"local", "full"}

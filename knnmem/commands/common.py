@@ -28,6 +28,9 @@ def parse_layers(text: str) -> list[int] | None:
 
 
 def check_writable(path: str) -> None:
+    """OSError unless a file can be written at `path` (its folder is created if missing)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not a file")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory):

@@ -13,7 +13,7 @@ from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passke
 from ..eval.report import write_json
 from ..handle import DEFAULT_TOPK
 from ..hf import native_context
-from .common import check_positive, default_device, load_or_exit, memory_heads
+from .common import check_positive, check_results_writable, default_device, load_or_exit, memory_heads
 
 # The help page: the usage lines above, then the task as knnmem.eval.passkey describes it.
 DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
@@ -45,6 +45,7 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--lengths must all exceed --segment ({args.segment}), got {args.lengths}")
     if any(not 0 <= d <= 1 for d in args.depths):
         parser.error(f"--depths must be fractions in [0, 1], got {args.depths}")
+    check_results_writable(parser, [args.json, os.path.splitext(args.json)[0] + ".png"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,10 +54,14 @@ def main(argv: list[str] | None = None) -> dict:
     validate(parser, args)
     heads = memory_heads(parser, args.heads, args.model)
     model, tokenizer, description = load_or_exit(parser, args.model, args.device)
+    def payload_of(results: dict) -> dict:
+        return {"model": description, "settings": vars(args), "native_context": native_context(model),
+                "accuracy": results}
+
     results = evaluate_configs(model, tokenizer, args.configs, args.lengths, args.depths, args.trials,
-                               args.segment, args.memory, args.topk, args.seed, heads)
-    payload = {"model": description, "settings": vars(args), "native_context": native_context(model),
-               "accuracy": results}
+                               args.segment, args.memory, args.topk, args.seed, heads,
+                               on_config=lambda partial: write_json(args.json, payload_of(partial), quiet=True))
+    payload = payload_of(results)
     print_passkey(payload)
     write_json(args.json, payload)
     plot_passkey(results, os.path.splitext(args.json)[0] + ".png")

@@ -109,10 +109,10 @@ def _answer_after_window(model, tokenizer, ids: torch.Tensor, segment: int, max_
 
 def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], depths: list[float], trials: int,
                      segment: int = 512, max_memories: int = 65536, topk: int = DEFAULT_TOPK, seed: int = 0,
-                     heads: list | None = None) -> dict:
+                     heads: list | None = None, on_config: Callable[[dict], None] | None = None) -> dict:
     """Accuracy {config: {length: {depth: fraction}}} (keys as strings) of each configuration; `full`
     only at the lengths that fit the model's native context. heads: the (layer, head) pairs that
-    read memory in `memory` (None: every head)."""
+    read memory in `memory` (None: every head). on_config(results so far) follows each configuration."""
     native = native_context(model)
     results = {}
     bar = tqdm(total=len(configs) * len(lengths) * len(depths) * trials, unit="trial")
@@ -123,6 +123,8 @@ def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], d
         table = evaluate(answer, tokenizer, fitting, depths, trials, seed, bar)
         bar.update(len(depths) * trials * (len(lengths) - len(fitting)))
         results[config] = {str(n): {str(d): acc for d, acc in row.items()} for n, row in table.items()}
+        if on_config is not None:
+            on_config(results)
     bar.close()
     return results
 
