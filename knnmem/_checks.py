@@ -28,6 +28,15 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or inf values")
 
 
+def check_finite_tensors(where: str, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first tensor of `tensors` that is not floating point and finite."""
+    for name, x in tensors.items():
+        if not x.is_floating_point():
+            raise ValueError(f"{where}: {name} must be floating point, got {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{where}: {name} contains NaN or inf values")
+
+
 def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, shape_doc: str) -> None:
     if x.shape[dim] != expected:
         raise ValueError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_positive_int
+from ._checks import check_number, check_positive_int
 from . import hf
 
 _ATTRIBUTE = "residual_memory"
@@ -28,7 +28,7 @@ class ResidualMemory(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.down = nn.Linear(d_model, bottleneck)
         self.up = nn.Linear(bottleneck, d_model)
-        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.gate = nn.Parameter(torch.tensor(check_number("gate_init", gate_init)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         delta = self.up(nn.functional.gelu(self.down(self.norm(h.to(self.down.weight.dtype)))))

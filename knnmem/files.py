@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 
@@ -42,13 +43,46 @@ def write_json(path: str | os.PathLike, payload: object, indent: int | None = No
     atomic_write(path, write)
 
 
-def read_json(path: str | os.PathLike, kind: str) -> object:
-    """The JSON value in the file at `path`; ValueError naming the file as a `kind` if unreadable."""
+MAX_JSON_BYTES = 64 * 2 ** 20  # a knnmem JSON file (settings, logs) is far smaller
+
+
+def check_regular_file(path: str | os.PathLike, kind: str) -> None:
+    """ValueError unless `path` is a regular file itself: not a symbolic link (which could lead
+    outside the folder named), a device (/dev/zero reads forever), a FIFO (blocks) or a folder."""
+    path = os.fspath(path)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{os.fspath(path)} is not a readable {kind}: {err}") from err
+        mode = os.lstat(path).st_mode
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable {kind}: {err}") from err
+    if stat.S_ISLNK(mode):
+        raise ValueError(f"{path} is a symbolic link: knnmem reads its {kind} only from a regular file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file: cannot be a {kind}")
+
+
+def _parse_json(text: str | bytes, what: str) -> object:
+    """json.loads; ValueError starting with `what` ("X is not ...") if it cannot be parsed."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what}: JSON nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what}: not valid JSON ({err})") from None
+
+
+def read_json(path: str | os.PathLike, kind: str) -> object:
+    """The JSON value in the regular file at `path` (at most MAX_JSON_BYTES); ValueError naming
+    the file as a `kind` if it cannot be one."""
+    path = os.fspath(path)
+    check_regular_file(path, kind)
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise ValueError(f"{path} has {os.path.getsize(path)} bytes, more than a {kind} can have ({MAX_JSON_BYTES})")
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable {kind}: {err}") from err
+    return _parse_json(text, f"{path} is not a readable {kind}")
 
 
 def save_tensors_and_json(path: str | os.PathLike, tensors: dict[str, torch.Tensor], key: str,
@@ -62,16 +96,14 @@ def read_tensors_and_json(path: str | os.PathLike, key: str, kind: str) -> tuple
     """(tensors, the JSON metadata stored under `key`, None if absent) of a safetensors file;
     ValueError naming the file as a `kind` if it cannot be read."""
     path = os.fspath(path)
+    check_regular_file(path, kind)
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get(key, "null")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable {kind}: {err}") from err
-    try:
-        return tensors, json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: its {kind} metadata is not valid JSON ({err})") from None
+    return tensors, _parse_json(raw, f"{path}: its {kind} metadata is not readable")
 
 
 def check_metadata_fields(meta: dict, fields: dict[str, type]) -> None:

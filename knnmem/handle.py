@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import hf
 from ._checks import check_choice, check_int, check_positive_int
 from .files import read_json, write_json
 from .functional import LOGITS, MODES, check_memory_bias, knn_attention_core, local_attention
@@ -96,12 +97,14 @@ class PatchSettings:
 @dataclass(frozen=True)
 class HeadPlan:
     """How a layer with memory in some of its query heads runs: the KV heads serving them (the
-    store holds only those), all query heads of those KV heads' groups (searched together; the
-    ones without memory get no retrievals), and the other heads (plain local attention)."""
+    store holds only those), all query heads of those KV heads' groups (attending together; the
+    ones without memory retrieve nothing), the heads searched, and the other heads (plain local
+    attention)."""
 
     kv: torch.Tensor  # (Hkv',) the KV heads stored
     grouped: torch.Tensor  # (Hq',) the query heads attending with the store
-    without: torch.Tensor  # (Hq',) bool: grouped heads that have no memory
+    searched: torch.Tensor  # (Hkv' * m,) positions in `grouped` of the heads with memory, m per stored KV
+    # head (m: the most any KV head serves; a KV head with fewer repeats its first): only they search
     others: torch.Tensor  # (Hq - Hq',) query heads that never read memory
 
     @classmethod
@@ -113,8 +116,10 @@ class HeadPlan:
         kv = sorted({head // group for head in memory_heads})
         grouped = [kv_head * group + j for kv_head in kv for j in range(group)]
         others = [head for head in range(n_heads) if head not in grouped]
-        return cls(torch.tensor(kv), torch.tensor(grouped), torch.tensor([h not in memory_heads for h in grouped]),
-                   torch.tensor(others, dtype=torch.long))
+        served = [[grouped.index(h) for h in sorted(memory_heads) if h // group == kv_head] for kv_head in kv]
+        m = max(len(heads) for heads in served)
+        searched = [heads[j] if j < len(heads) else heads[0] for heads in served for j in range(m)]
+        return cls(torch.tensor(kv), torch.tensor(grouped), torch.tensor(searched), torch.tensor(others, dtype=torch.long))
 
 
 class MemoryHandle:
@@ -204,9 +209,12 @@ class MemoryHandle:
     def save(self, directory: str | os.PathLike) -> None:
         """Write every layer's memory into `directory` as one snapshot: layer files named by a fresh
         snapshot id, then `handle.json` naming them (written atomically, last). An interrupted save
-        leaves the previous snapshot loadable; older snapshots' files are removed after."""
+        leaves the previous snapshot loadable. Then the files of the snapshot that `handle.json`
+        named before are removed, and only those: a concurrent save into the same folder never
+        loses its files (the last `handle.json` written wins)."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
+        previous = self._snapshot_files(directory)
         snapshot = uuid.uuid4().hex[:12]
         files = {}
         for i, memory in sorted(self.memories.items()):
@@ -214,9 +222,21 @@ class MemoryHandle:
             memory.save(os.path.join(directory, files[str(i)]))
         write_json(os.path.join(directory, "handle.json"),
                    {"format_version": _HANDLE_FORMAT, "layers": self.layers, "files": files})
-        for name in os.listdir(directory):
-            if _LAYER_FILE.fullmatch(name) and name not in files.values():
+        for name in previous - set(files.values()):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(directory, name))
+
+    @staticmethod
+    def _snapshot_files(directory: str) -> set[str]:
+        """The layer files named by the snapshot in `directory` (none if it has no readable one)."""
+        try:
+            meta = read_json(os.path.join(directory, "handle.json"), "knnmem handle file")
+        except ValueError:
+            return set()
+        files = meta.get("files") if isinstance(meta, dict) else None
+        if not isinstance(files, dict):
+            return set()
+        return {name for name in files.values() if isinstance(name, str) and _LAYER_FILE.fullmatch(name)}
 
     def load(self, directory: str | os.PathLike) -> None:
         """Read a snapshot written by `save`. Everything is checked (names stay inside `directory`,
@@ -277,13 +297,15 @@ class MemoryHandle:
                              "patch without heads=")
 
     def fingerprint(self) -> str:
-        """What knowledge depends on: the model (type, shape, a checksum of its embeddings) and where
-        stored keys are placed; knowledge written under another fingerprint is refused."""
-        config, weight = self.model.config, self.model.get_input_embeddings().weight
-        checksum = float(weight.detach().flatten()[:65536].double().sum())
+        """What knowledge depends on: the model (type, shape, a checksum of its embeddings), the
+        weights of the memory layers' attention (the projections that make the stored keys and
+        values, LoRA included) and where stored keys are placed; knowledge written under another
+        fingerprint is refused."""
+        modules = hf.attention_modules(self.model)
+        attention = sum(float(p.detach().double().sum()) for i in self.layers
+                        for name, p in modules[i].named_parameters() if name not in (GATE, SCALE))
         placement = (self.placement.policy, self.placement.distance) if self.placement else None
-        return (f"{config.model_type}/{config.num_hidden_layers}x{config.hidden_size}/{checksum:.9e}/"
-                f"placement={placement}")
+        return f"{hf.model_fingerprint(self.model)}/attention={attention:.9e}/placement={placement}"
 
     @torch.no_grad()
     def memorize(self, texts, tokenizer=None, *, storage: str | Storage = "fp16", window: int | None = None,
@@ -379,12 +401,15 @@ class MemoryHandle:
         memory_q = query
         if self.placement is not None and (len(memory) or reads_knowledge):
             memory_q = self.placement.memory_query(query, position_ids, S)
-        if len(memory):
+        if len(memory) and plan is None:
             _, indices = memory.search_unchecked(memory_q.detach(), settings.topk)
-            if plan is not None:  # heads of a served group that have no memory retrieve nothing
-                indices[:, plan.without.to(indices.device)] = -1
+        elif len(memory):  # only the heads with memory search; the others of their groups retrieve nothing
+            searched = plan.searched.to(query.device)
+            _, found = memory.search_unchecked(memory_q[:, searched].detach(), settings.topk)
+            indices = torch.full((B, Hq, T, found.shape[-1]), -1, dtype=torch.long, device=found.device)
+            indices[:, searched] = found
         else:  # nothing to retrieve: no search
-            indices = torch.full((B, Hq, T, settings.topk), -1, dtype=torch.long, device=query.device)
+            indices = torch.full((B, Hq, T, 1), -1, dtype=torch.long, device=query.device)
         self.last_indices[layer] = indices
         gate, memory_scale = getattr(module, GATE), getattr(module, SCALE)
         if plan is not None:

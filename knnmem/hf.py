@@ -74,3 +74,12 @@ def native_context(model: nn.Module) -> int | None:
 def stores_weights_transposed(model: nn.Module) -> bool:
     """GPT-2's Conv1D keeps (in, out) weights: LoRA needs fan_in_fan_out there."""
     return model_type(model) == "gpt2"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """The model a saved retrofit or knowledge belongs to: type, shape and a checksum of the input
+    embeddings (frozen by every retrofit; another model, or another size, gives another string)."""
+    config, weight = model.config, model.get_input_embeddings().weight
+    checksum = float(weight.detach().flatten()[:65536].double().sum())
+    layers, heads, kv_heads = config.num_hidden_layers, *head_shape(model)[:2]
+    return f"{config.model_type}/{layers}x{config.hidden_size}/heads={heads},{kv_heads}/{checksum:.9e}"

@@ -22,6 +22,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import faiss
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -85,9 +86,12 @@ class _DenseLayer:
     def __len__(self) -> int:
         return self.keys.shape[1]
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def check_add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """ValueError if `add(keys, values)` would fail (checked for every layer before any adds)."""
         if not bool(torch.isfinite(keys.half()).all() and torch.isfinite(values.half()).all()):
             raise ValueError("keys/values exceed the float16 range of the knowledge memory")
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, keys.to(self.keys)], dim=1)
         self.values = torch.cat([self.values, values.to(self.values)], dim=1)
 
@@ -134,14 +138,19 @@ class _PQLayer:
     def __len__(self) -> int:
         return self.key_index[0].ntotal
 
+    def check_add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """ValueError if `add(keys, values)` would fail (checked for every layer before any adds)."""
+        if not bool(torch.isfinite(keys).all() and torch.isfinite(values).all()):
+            raise ValueError("keys/values of the knowledge memory must be finite")
+        if not self.key_index[0].is_trained and keys.shape[1] < 2 ** self.bits:
+            raise ValueError(f"pq storage with pq_bits={self.bits} learns its codebooks from the texts of the "
+                             f"first memorize call, which need at least {2 ** self.bits} tokens, got {keys.shape[1]}: "
+                             "memorise more text in that call or lower pq_bits")
+
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         for h, (key_index, value_index) in enumerate(zip(self.key_index, self.value_index)):
             k, v = as_numpy(keys[h]), as_numpy(values[h])
             if not key_index.is_trained:
-                if len(k) < 2 ** self.bits:
-                    raise ValueError(f"pq storage with pq_bits={self.bits} learns its codebooks from the texts of the "
-                                     f"first memorize call, which need at least {2 ** self.bits} tokens, got {len(k)}: "
-                                     "memorise more text in that call or lower pq_bits")
                 key_index.train(k)
                 value_index.train(v)
             key_index.add(k)
@@ -192,6 +201,11 @@ class _PQLayer:
                         or index.pq.nbits != expected.pq.nbits or index.metric_type != faiss.METRIC_INNER_PRODUCT):
                     raise ValueError(f"tensor '{kind}.{h}' must be an inner-product IndexPQ(d={expected.d}, "
                                      f"m={expected.pq.M}, bits={expected.pq.nbits})")
+                centroids = faiss.vector_to_array(index.pq.centroids)
+                if not index.is_trained or centroids.size != 2 ** index.pq.nbits * index.d:
+                    raise ValueError(f"tensor '{kind}.{h}' is an untrained PQ index (no codebooks)")
+                if not np.isfinite(centroids).all():
+                    raise ValueError(f"tensor '{kind}.{h}' has NaN or inf codebooks")
                 indexes[h] = index
         if len({i.ntotal for i in self.key_index + self.value_index}) != 1:
             raise ValueError("the key and value indexes of a layer must hold the same number of tokens")
@@ -311,10 +325,12 @@ class KnowledgeMemory:
     def add(self, texts: list[dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> None:
         """Store texts. Each maps every layer to (keys, values, importance): (H, n, D), (H, n, D), (H, n)
         (importance: the attention each token received, used by the sparse form). PQ codebooks are
-        learnt from the first call's texts together."""
+        learnt from the first call's texts together. All or nothing: every layer's rows are checked
+        before any layer stores them."""
         for text in texts:
             if set(text) != set(self.layers):
                 raise ValueError(f"a text must be stored in every layer {self.layers}, got {sorted(text)}")
+        rows = {}
         for layer in self.layers:
             keys, values = [], []
             for text in texts:
@@ -325,14 +341,19 @@ class KnowledgeMemory:
                     k, v = sparsify(k, v, importance, self.storage.keep, self.storage.chunk)
                 keys.append(k)
                 values.append(v)
-            self.stores[layer].add(torch.cat(keys, dim=1), torch.cat(values, dim=1))
+            rows[layer] = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+            self.stores[layer].check_add(*rows[layer])
+        for layer, (k, v) in rows.items():
+            self.stores[layer].add(k, v)
         self.tokens += sum(text[self.layers[0]][0].shape[1] for text in texts)
         self.texts += len(texts)
 
     def search(self, layer: int, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k stored rows of each query of `layer`, for every batch row alike.
-        q: (B, Hq, T, D) -> keys, values (B, Hq, T, k, D), valid (B, Hq, T, k)."""
+        q: (B, Hq, T, D) -> keys, values (B, Hq, T, k', D), valid (B, Hq, T, k'), with
+        k' = min(k, stored tokens), at least 1 (never padded beyond what is stored)."""
         B, Hq, T, D = q.shape
+        k = min(k, max(1, len(self)))
         if len(self) == 0:
             empty = torch.zeros(B, Hq, T, k, D, device=q.device)
             return empty, empty, torch.zeros(B, Hq, T, k, dtype=torch.bool, device=q.device)
@@ -380,7 +401,7 @@ class KnowledgeMemory:
         path = os.fspath(path)
         tensors, meta = read_tensors_and_json(path, "knnmem_knowledge", "knnmem knowledge file")
         try:
-            memory = _from_metadata(meta, device)
+            memory = _from_metadata(meta, device, tensors)
             for layer, store in memory.stores.items():
                 prefix = f"layer.{layer}."
                 store.load({name[len(prefix):]: x for name, x in tensors.items() if name.startswith(prefix)})
@@ -394,7 +415,25 @@ class KnowledgeMemory:
         return memory
 
 
-def _from_metadata(meta: object, device) -> KnowledgeMemory:
+def _check_pq_tensors(layers: list[int], kv_heads: int, head_dim: int, storage: Storage,
+                      tensors: dict[str, torch.Tensor]) -> None:
+    """Before any PQ index is built (each holds 2^bits x head_dim float codebooks): the file must
+    hold every index the metadata names, each at least as large as its codebooks, so that the
+    memory built is bounded by the file's own size."""
+    codebook_bytes = 4 * 2 ** storage.pq_bits * head_dim
+    for layer in layers:
+        for kind in ("key_index", "value_index"):
+            for h in range(kv_heads):
+                data = tensors.get(f"layer.{layer}.{kind}.{h}")
+                if data is None or data.dtype != torch.uint8 or data.ndim != 1:
+                    raise ValueError(f"tensor 'layer.{layer}.{kind}.{h}' must be a serialised FAISS index (uint8 bytes)")
+                if data.numel() < codebook_bytes:
+                    raise ValueError(f"tensor 'layer.{layer}.{kind}.{h}' holds {data.numel()} bytes, fewer than the "
+                                     f"{codebook_bytes} of the codebooks its metadata declares (pq_bits="
+                                     f"{storage.pq_bits}, head_dim={head_dim})")
+
+
+def _from_metadata(meta: object, device, tensors: dict[str, torch.Tensor]) -> KnowledgeMemory:
     if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
         raise ValueError(f"not a knnmem knowledge file of format {_FORMAT_VERSION}")
     fields = {"layers": list, "kv_heads": int, "head_dim": int, "normalize": bool, "storage": dict, "model": str,
@@ -410,7 +449,10 @@ def _from_metadata(meta: object, device) -> KnowledgeMemory:
     unknown = set(meta["storage"]) - set(Storage.__dataclass_fields__)
     if unknown:
         raise ValueError(f"metadata field 'storage' has unknown options {sorted(unknown)}")
-    memory = KnowledgeMemory(layers, meta["kv_heads"], meta["head_dim"], meta["normalize"], Storage(**meta["storage"]),
-                             meta["model"], device)
+    storage = Storage(**meta["storage"]).check(meta["head_dim"])
+    if storage.form == "pq":
+        _check_pq_tensors(layers, meta["kv_heads"], meta["head_dim"], storage, tensors)
+    memory = KnowledgeMemory(layers, meta["kv_heads"], meta["head_dim"], meta["normalize"], storage, meta["model"],
+                             device)
     memory.tokens, memory.texts = meta["tokens"], meta["texts"]
     return memory

@@ -215,8 +215,10 @@ class KNNMemory:
         """Top-k memories of each query, within its own row and KV head.
 
         queries: (B, Hq, T, D); query head j searches KV head j // (Hq // H), as in
-        grouped-query attention. Returns (scores float32, indices int64), each (B, Hq, T, k):
-        indices are slots of `keys`/`values`, -1 (score -inf) where fewer than k memories exist.
+        grouped-query attention. Returns (scores float32, indices int64), each (B, Hq, T, k') with
+        k' = min(k, the most memories any row holds) (at least 1: results are never padded beyond
+        what is stored): indices are slots of `keys`/`values`, -1 (score -inf) where a row holds
+        fewer than k' memories.
         """
         self._check_queries(queries)
         return self.search_unchecked(queries, check_positive_int("k", k))
@@ -226,6 +228,7 @@ class KNNMemory:
         """`search` for arguments already checked (finite queries of this store's shape, k > 0)."""
         B, Hq, T, D = queries.shape
         group = Hq // self.heads
+        k = min(k, max(1, int(self.counts.max())))
         if self.normalize:
             queries = F.normalize(queries.float(), dim=-1)
         grouped = queries.to(self.device).reshape(B, self.heads, group * T, D)

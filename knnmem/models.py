@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_positive_int
+from ._checks import check_number, check_positive_int
 from .layer import CausalAttention, KNNAttention
 
 
@@ -49,7 +49,12 @@ class MemorizingConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "mlp_ratio", "max_memories", "topk"):
             check_positive_int(name, getattr(self, name))
-        bad = [i for i in self.resolved_memory_layers() if not isinstance(i, int) or not 0 <= i < self.depth]
+        if self.rope_base is not None and check_number("rope_base", self.rope_base) <= 0:
+            raise ValueError(f"rope_base must be a positive number or None, got {self.rope_base!r}")
+        if self.memory_layers is not None and not isinstance(self.memory_layers, (list, tuple)):
+            raise ValueError(f"memory_layers must be a list of layer indices or None, got {self.memory_layers!r}")
+        bad = [i for i in (self.memory_layers or []) if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"memory_layers must be layer indices in [0, depth={self.depth}), got {self.memory_layers}")
 

@@ -192,9 +192,10 @@ def save_patch(model: nn.Module, directory: str | os.PathLike) -> None:
     handle: MemoryHandle | None = getattr(model, "knnmem", None)
     if handle is None:
         raise ValueError("this model is not patched by knnmem")
+    path, tensors = os.path.join(directory, _PATCH_FILE), patch_parameters(model, handle)
+    _check_patch_tensors(path, tensors)
     os.makedirs(directory, exist_ok=True)
-    save_tensors_and_json(os.path.join(directory, _PATCH_FILE), patch_parameters(model, handle), "knnmem_patch",
-                          handle.settings)
+    save_tensors_and_json(path, tensors, "knnmem_patch", handle.settings)
 
 
 def patch_parameters(model: nn.Module, handle: MemoryHandle) -> dict[str, nn.Parameter]:
@@ -221,11 +222,20 @@ def saved_settings(directory: str | os.PathLike) -> dict:
     return settings
 
 
+def _check_patch_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Gates may be +-inf (a closed or fully open gate), never NaN; memory scales must be finite."""
+    for name, x in tensors.items():
+        if not x.is_floating_point() or bool(x.isnan().any()) or (name.endswith(SCALE) and not bool(x.isfinite().all())):
+            raise ValueError(f"{path}: {name} must hold {'finite numbers' if name.endswith(SCALE) else 'numbers'} "
+                             f"(no NaN), got {x.dtype} {x.flatten()[:4].tolist()}")
+
+
 def load_patch(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle:
     """Patch `model` with the settings saved by `save_patch` and restore its trained gates and
     memory scales. Returns the handle (memories start empty)."""
     path = os.path.join(directory, _PATCH_FILE)
     tensors, settings = read_tensors_and_json(path, "knnmem_patch", "knnmem patch file")
+    _check_patch_tensors(path, tensors)
     handle = patch_with_settings(model, settings, path)
     expected = patch_parameters(model, handle)
     if set(tensors) != set(expected) or any(tensors[k].shape != p.shape for k, p in expected.items()):

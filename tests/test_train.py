@@ -202,13 +202,17 @@ def test_train_cli_then_eval_checkpoint(tiny_model_dir, tmp_path, capsys):
             eval_main(["--model", model_dir, "--data", docs, "--json", str(tmp_path / "e.json"), "--checkpoint",
                        str(out), *bad])
         assert message in capsys.readouterr().err
-    for bad, message in [(["--steps", "0"], "steps must be a positive integer"),
-                         (["--doc-tokens", "50"], "--doc-tokens (50) must exceed"),
-                         (["--layers", "0,9"], "this model has layers 0..1"),
-                         (["--output", str(tmp_path / "new"), "--resume"], "holds no checkpoint")]:
+    other = ["--output", str(tmp_path / "other")]
+    for bad, message in [([*other, "--steps", "0"], "steps must be a positive integer"),
+                         ([*other, "--doc-tokens", "50"], "--doc-tokens (50) must exceed"),
+                         ([*other, "--layers", "0,9"], "this model has layers 0..1"),
+                         (["--output", str(tmp_path / "new"), "--resume"], "holds no checkpoint"),
+                         ([], "already holds a checkpoint: continue it with --resume")]:
+        before = (out / "knnmem_trained.safetensors").read_bytes()
         with pytest.raises(SystemExit):
             train_main([*args, *bad])
         assert message in capsys.readouterr().err
+        assert (out / "knnmem_trained.safetensors").read_bytes() == before
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ option's name), and the start of a command (torchrun process group, model loadin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 
@@ -25,6 +26,17 @@ def parse_layers(text: str) -> list[int] | None:
             raise ValueError(f"--layers range {part!r} is empty (write the lower index first)")
         layers += list(range(int(lo), int(hi or lo) + 1))
     return layers
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and inf are refused with the option's name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def check_writable(path: str) -> None:

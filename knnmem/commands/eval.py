@@ -22,7 +22,7 @@ from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
 from ..positions import POLICIES
 from ..search import BACKENDS
-from ..train.trainable import TRAINED_FILE
+from ..train.trainable import TRAINABLE, TRAINED_FILE, check_trained_fits, read_trained
 from .common import (check_layers, check_positive, check_results_writable, default_device, memory_heads, parse_layers,
                      start_command)
 
@@ -126,8 +126,15 @@ def _heads(parser: argparse.ArgumentParser, args) -> list[list[int]] | None:
 
 
 def _validate_checkpoint(parser: argparse.ArgumentParser, args) -> None:
-    if not os.path.isfile(os.path.join(args.checkpoint, TRAINED_FILE)):
+    path = os.path.join(args.checkpoint, TRAINED_FILE)
+    if not os.path.isfile(path):
         parser.error(f"--checkpoint {args.checkpoint!r} holds no {TRAINED_FILE} (a `knnmem train` output)")
+    try:
+        _, args.checkpoint_info = read_trained(path)
+        if args.checkpoint_info.get("train") not in TRAINABLE:
+            raise ValueError(f"{path}: not a fine-tuned retrofit (train {args.checkpoint_info.get('train')!r})")
+    except ValueError as err:
+        parser.error(f"--checkpoint: {err}")
     for option in CHECKPOINT_SETTINGS:
         if getattr(args, option) != parser.get_default(option):
             parser.error(f"--{option.replace('_', '-')} comes from --checkpoint; do not give both")
@@ -143,7 +150,7 @@ def run_settings(args) -> PerplexityRun:
 
 def recorded_settings(args) -> dict:
     """The options as the results record them (no paths of this machine)."""
-    return {**{k: v for k, v in vars(args).items() if k not in ("layer_list", "head_pairs")},
+    return {**{k: v for k, v in vars(args).items() if k not in ("layer_list", "head_pairs", "checkpoint_info")},
             "data": [corpus.display_name(p) for p in args.data] if args.data else None,
             "checkpoint": corpus.display_name(os.path.normpath(args.checkpoint)) if args.checkpoint else None}
 
@@ -164,6 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
     validate(parser, args)
     model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
     check_layers(parser, args.layers, args.layer_list, model)
+    if args.checkpoint is not None:
+        try:  # before any configuration runs: a checkpoint of another model fails now, not after them
+            check_trained_fits(model, args.checkpoint_info, os.path.join(args.checkpoint, TRAINED_FILE))
+        except ValueError as err:
+            parser.error(f"--checkpoint: {err}")
     if args.window is None:
         args.window = native_context(model) or 2048
     data = args.data

@@ -13,7 +13,7 @@ from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passke
 from ..eval.report import write_json
 from ..handle import DEFAULT_TOPK
 from ..hf import native_context
-from .common import check_positive, check_results_writable, default_device, load_or_exit, memory_heads
+from .common import check_positive, check_results_writable, default_device, finite_float, load_or_exit, memory_heads
 
 # The help page: the usage lines above, then the task as knnmem.eval.passkey describes it.
 DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--depths", type=finite_float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--trials", type=int, default=2, help="random keys per (length, depth)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--segment", type=int, default=512)

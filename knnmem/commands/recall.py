@@ -9,10 +9,12 @@ import argparse
 import os
 
 from ..eval import recall
-from ..eval.recall import CONFIGS, RecallRun, evaluate_recall, plot_recall, print_recall, unicode_facts
+from ..eval.recall import (CONFIGS, RecallRun, evaluate_recall, memorised_tokens, plot_recall, print_recall,
+                           unicode_facts)
 from ..eval.report import write_json
 from ..knowledge import Storage
-from .common import check_positive, check_results_writable, default_device, load_or_exit, parse_layers
+from .common import (check_layers, check_positive, check_results_writable, default_device, finite_float, load_or_exit,
+                     parse_layers)
 
 # The help page: the usage lines above, then the task as knnmem.eval.recall describes it.
 DESCRIPTION = __doc__ + "\n" + recall.__doc__.split("\n\n", 1)[1]
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pq-bits", type=int, default=8, help="knowledge-pq: bits per code")
     p.add_argument("--adapter-layer", type=int, default=None, help="block of the adapter (default: 75%% depth)")
     p.add_argument("--adapter-steps", type=int, default=200)
-    p.add_argument("--adapter-lr", type=float, default=1e-3)
-    p.add_argument("--adapter-gate-init", type=float, default=0.0,
+    p.add_argument("--adapter-lr", type=finite_float, default=1e-3)
+    p.add_argument("--adapter-gate-init", type=finite_float, default=0.0,
                    help="initial gate of the adapter (0: the frozen model unchanged at the start)")
     p.add_argument("--json", default="eval_results/recall.json")
     p.add_argument("--device", default=default_device())
@@ -60,6 +62,8 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--choices must be in [2, --facts={args.facts}], got {args.choices}")
     if args.adapter_lr <= 0:
         parser.error(f"--adapter-lr must be positive, got {args.adapter_lr}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     try:
         args.layer_list = parse_layers(args.layers)
         args.storage = {form: Storage(form, args.sparse_keep, args.sparse_chunk, args.pq_m, args.pq_bits)
@@ -90,6 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if any(c == "knowledge-pq" for c in args.configs) and head_dim % args.pq_m:
         parser.error(f"--pq-m must divide the model's head dim {head_dim}, got {args.pq_m}")
+    check_layers(parser, args.layers, args.layer_list, model)
+    if args.adapter_layer is not None and not 0 <= args.adapter_layer < config.num_hidden_layers:
+        parser.error(f"--adapter-layer must be a block in [0, {config.num_hidden_layers}), got {args.adapter_layer}")
+    if "knowledge-pq" in args.configs:
+        tokens = memorised_tokens(tokenizer, run_settings(args))
+        if tokens < 2 ** args.pq_bits:
+            parser.error(f"--pq-bits {args.pq_bits}: the codebooks are learnt from the memorised text, which has "
+                         f"{tokens} tokens, fewer than 2**{args.pq_bits}: give more --facts or lower --pq-bits")
     settings = {k: v for k, v in vars(args).items() if k not in ("layer_list", "storage")}
     payload = evaluate_recall(model, tokenizer, description, run_settings(args), settings)
     print_recall(payload)

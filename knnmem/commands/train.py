@@ -18,14 +18,14 @@ import time
 import torch.distributed as dist
 
 from .. import corpus
-from ..handle import DEFAULT_DISTANCE, DEFAULT_TOPK
+from ..handle import DEFAULT_DISTANCE, DEFAULT_PINNED, DEFAULT_TOPK, PatchSettings
 from ..patch import patch
 from ..positions import POLICIES
 from ..search import BACKENDS
-from ..train.loop import TrainSettings
+from ..train.loop import STATE_FILE, TrainSettings
 from ..train.retrofit import default_layers, fine_tune, split_pieces
 from ..train.trainable import TRAINABLE, prepare
-from .common import check_layers, check_positive, check_writable, default_device, parse_layers, start_command
+from .common import check_layers, check_positive, check_writable, default_device, finite_float, parse_layers, start_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-docs", type=int, default=None, help="training documents (pieces) to use")
     p.add_argument("--val-docs", type=int, default=2, help="held-out documents (pieces) for validation")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of LoRA / projection weights")
-    p.add_argument("--lr-memory", type=float, default=d.lr_memory, help="learning rate of gates and scales")
+    p.add_argument("--lr", type=finite_float, default=d.lr, help="learning rate of LoRA / projection weights")
+    p.add_argument("--lr-memory", type=finite_float, default=d.lr_memory, help="learning rate of gates and scales")
     p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--clip", type=float, default=d.clip)
+    p.add_argument("--weight-decay", type=finite_float, default=d.weight_decay)
+    p.add_argument("--clip", type=finite_float, default=d.clip)
     p.add_argument("--accumulate", type=int, default=d.accumulate, help="windows per optimizer step")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="documents read side by side")
     p.add_argument("--validate-every", type=int, default=d.validate_every)
@@ -79,15 +79,23 @@ def validate(parser: argparse.ArgumentParser, args) -> tuple[TrainSettings, list
     try:
         settings.validate()
         layers = parse_layers(args.layers) if args.layers else None
-    except ValueError as err:
+        PatchSettings(layers=(0,), topk=args.topk, max_memories=args.memory, mode=args.mode, logits=args.logits,
+                      position=args.position, distance=args.distance, memory_backend=args.memory_backend,
+                      pinned=min(DEFAULT_PINNED, args.memory // 2))  # the patch options, checked now
+        args.paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     check_positive(parser, args, "doc_tokens", "val_docs", "memory", "topk", "lora_rank")
     if args.doc_tokens <= args.segment + args.context:
         parser.error(f"--doc-tokens ({args.doc_tokens}) must exceed --segment + --context ({args.segment + args.context})")
     if args.max_docs is not None and args.max_docs < args.batch_size:
         parser.error(f"--max-docs ({args.max_docs}) must be at least --batch-size ({args.batch_size})")
-    if args.resume and not os.path.exists(os.path.join(args.output, "trainer_state.pt")):
+    has_checkpoint = os.path.lexists(os.path.join(args.output, STATE_FILE))
+    if args.resume and not has_checkpoint:
         parser.error(f"--resume: {args.output} holds no checkpoint")
+    if has_checkpoint and not args.resume:
+        parser.error(f"--output {args.output} already holds a checkpoint: continue it with --resume, or choose "
+                     "another --output (nothing is overwritten)")
     try:
         check_writable(os.path.join(args.output, "train_log.json"))
     except OSError as err:
@@ -100,8 +108,7 @@ def read_pieces(args, tokenizer, world: int):
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
-    train_docs, val_docs = split_pieces(paths, encode, args.doc_tokens, args.max_docs, args.val_docs)
+    train_docs, val_docs = split_pieces(args.paths, encode, args.doc_tokens, args.max_docs, args.val_docs)
     if len(train_docs) < args.batch_size * world or not val_docs:
         raise SystemExit(f"knnmem train: {len(train_docs)} training and {len(val_docs)} validation pieces of "
                          f"{args.doc_tokens} tokens; need at least {args.batch_size * world} and 1 "
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer, description, world, rank = start_command(parser, args.model, args.device)
     layers = default_layers(model.config.num_hidden_layers) if layers is None else layers
     check_layers(parser, args.layers, layers, model)
+    if args.lora_rank > model.config.hidden_size:
+        parser.error(f"--lora-rank must be at most the model's hidden size {model.config.hidden_size}, got {args.lora_rank}")
     train_docs, val_docs = read_pieces(args, tokenizer, world)
     trainable = prepare_model(args, model, layers)
     info = {"model": description, "data": [corpus.display_name(p) for p in args.data] if args.data else "stdlib",

@@ -21,6 +21,7 @@ bytes stored per memorised token.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import time
 import unicodedata
@@ -66,10 +67,11 @@ def questions(facts: list[tuple[str, str]], choices: int, seed: int) -> list[tup
 
 
 @torch.no_grad()
-def best_candidate(model, prefix: list[int], candidates: list[list[int]]) -> int:
-    """Index of the candidate continuation (token ids) of `prefix` with the highest log-likelihood.
+def candidate_scores(model, prefix: list[int], candidates: list[list[int]]) -> list[float]:
+    """Log-likelihood of each candidate continuation (token ids) of `prefix`.
     The prefix is read once; the candidates then continue from its KV cache in one batch,
-    right-padded (padding comes after what is scored)."""
+    right-padded (padding comes after what is scored). Raises FloatingPointError if any score is
+    not finite (NaN logits must never rank a candidate)."""
     device = model.device
     # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -85,7 +87,15 @@ def best_candidate(model, prefix: list[int], candidates: list[list[int]]) -> int
     logp = logits[:, :-1].float().log_softmax(-1)
     scores = [first[c[0]].item() + logp[row, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum().item()
               for row, c in enumerate(candidates)]
-    return max(range(len(candidates)), key=scores.__getitem__)
+    if not all(math.isfinite(x) for x in scores):
+        raise FloatingPointError(f"the model scored the candidates {scores}: its logits are not finite (NaN or inf), "
+                                 "so no answer can be ranked")
+    return scores
+
+
+def answered_right(scores: list[float]) -> bool:
+    """The true answer (candidate 0) strictly beats every distractor; a tie is wrong."""
+    return all(scores[0] > other for other in scores[1:])
 
 
 def accuracy(model, encode, asked: list[tuple[str, list[str]]], context: list[int], bar: tqdm) -> dict:
@@ -94,7 +104,7 @@ def accuracy(model, encode, asked: list[tuple[str, list[str]]], context: list[in
     start, right, tokens = time.perf_counter(), 0, 0
     for question, candidates in asked:
         prefix = context + encode(question)
-        right += best_candidate(model, prefix, [encode(c) for c in candidates]) == 0
+        right += answered_right(candidate_scores(model, prefix, [encode(c) for c in candidates]))
         tokens += len(prefix)
         bar.update()
     n = len(asked)
@@ -172,6 +182,19 @@ def adapter_row(model, encode, asked, memorised: list[torch.Tensor], run: Recall
         adapters.detach(model)
 
 
+def _memorised(tokenizer, run: "RecallRun") -> tuple[list[str], list[torch.Tensor]]:
+    """(the documents stating the facts, the token ids memorised: one corpus or each document)."""
+    texts = documents(unicode_facts(run.facts, run.seed), run.facts_per_document)
+    corpus = "\n\n".join(texts)
+    return texts, [torch.tensor(tokenizer(t, add_special_tokens=False).input_ids)
+                   for t in (texts if run.memorize_as == "documents" else [corpus])]
+
+
+def memorised_tokens(tokenizer, run: "RecallRun") -> int:
+    """Tokens the knowledge configurations of `run` memorise (PQ learns its codebooks from them)."""
+    return sum(ids.numel() for ids in _memorised(tokenizer, run)[1])
+
+
 def evaluate_recall(model, tokenizer, description: str, run: RecallRun, settings: dict | None = None) -> dict:
     """The result of `knnmem eval --task recall`: every configuration of `run`, with accuracy
     relative to `prompt`'s. `settings` is recorded as given."""
@@ -179,11 +202,9 @@ def evaluate_recall(model, tokenizer, description: str, run: RecallRun, settings
         return tokenizer(text, add_special_tokens=False).input_ids
 
     facts = unicode_facts(run.facts, run.seed)
-    texts = documents(facts, run.facts_per_document)
     asked = questions(facts, run.choices, run.seed)
-    corpus = "\n\n".join(texts)
-    prompt = encode(corpus + "\n\n")
-    memorised = [torch.tensor(encode(t)) for t in (texts if run.memorize_as == "documents" else [corpus])]
+    texts, memorised = _memorised(tokenizer, run)
+    prompt = encode("\n\n".join(texts) + "\n\n")
     bar = tqdm(total=len(run.configs) * len(asked), desc="recall", unit="question")
     results = {}
     for config in run.configs:

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..files import atomic_write
+from .._checks import check_int, check_number
+from ..files import atomic_write, check_regular_file
 from ..stream import forward_window, reset_memory, windows
-from .trainable import TRAINED_FILE, is_memory_parameter, read_trained, restore_parameters, save_trained
+from .trainable import (TRAINED_FILE, check_trained_fits, is_memory_parameter, read_trained, restore_parameters,
+                        save_trained)
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.json"
@@ -72,12 +74,16 @@ class TrainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        check_int("seed", self.seed, 0, 2 ** 32 - 1)
         for name in ("lr", "lr_memory"):
             value = getattr(self, name)
-            if not (value is None and name == "lr_memory") and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or self.clip < 0:
-            raise ValueError("min_lr_ratio must be in [0, 1], weight_decay and clip >= 0")
+            if not (value is None and name == "lr_memory") and not check_number(name, value) > 0:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not 0 <= check_number("min_lr_ratio", self.min_lr_ratio) <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("weight_decay", "clip"):
+            if check_number(name, getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
 
 
 def _stack(documents: list[torch.Tensor], name: str) -> torch.Tensor:
@@ -148,11 +154,34 @@ def perplexity(model, documents: list[torch.Tensor], segment: int, context: int 
 
 
 def _save(model, output: str, state: dict, info: dict) -> None:
+    """The checkpoint: trained parameters, then trainer state, then log, each atomically. Both
+    checkpoint files carry the step, so that a crash between them is caught by resume."""
     os.makedirs(output, exist_ok=True)
-    save_trained(model, os.path.join(output, TRAINED_FILE), info)
+    save_trained(model, os.path.join(output, TRAINED_FILE), {**info, "step": state["step"]})
     atomic_write(os.path.join(output, STATE_FILE), lambda tmp: torch.save(state, tmp))
     log = {k: state[k] for k in ("step", "settings", "history", "validation", "seconds", "tokens")}
     atomic_write(os.path.join(output, LOG_FILE), lambda tmp: _write_json(tmp, log))
+
+
+_STATE_FIELDS = {"step": int, "batch": int, "history": list, "validation": list, "seconds": float, "tokens": int,
+                 "settings": dict, "data": list, "optimizer": dict, "scheduler": dict}
+
+
+def _read_state(path: str) -> dict:
+    """The trainer state saved by `_save` (tensors and plain data only: nothing runs from it);
+    ValueError naming the file if it is damaged or not one."""
+    check_regular_file(path, "trainer state")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors for damaged files
+        raise ValueError(f"{path} is not a readable trainer state ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a trainer state (a {type(state).__name__})")
+    for name, kind in _STATE_FIELDS.items():
+        if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
+            raise ValueError(f"{path}: field {name!r} must be a {kind.__name__}, got {type(state.get(name)).__name__}")
+    return state
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -187,10 +216,13 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
     data = [docs.shape[0], docs.shape[1], world]  # documents, their length, processes: decide the order
     state = {"step": 0, "batch": 0, "history": [], "validation": [], "seconds": 0.0, "tokens": 0,
              "settings": asdict(settings), "data": data}
+    if not resume and output is not None and os.path.lexists(os.path.join(output, STATE_FILE)):
+        raise ValueError(f"output {output!r} already holds a checkpoint: resume=True continues it (nothing is "
+                         "overwritten)")
     if resume:
         if output is None or not os.path.exists(os.path.join(output, STATE_FILE)):
             raise ValueError(f"resume=True needs a checkpoint in output ({output!r} has no {STATE_FILE})")
-        state = torch.load(os.path.join(output, STATE_FILE), weights_only=True)
+        state = _read_state(os.path.join(output, STATE_FILE))
         changed = [k for k in _RESUME_FIXED if state["settings"].get(k) != getattr(settings, k)]
         if changed:
             raise ValueError(f"cannot resume with different {changed}: the checkpoint has "
@@ -198,7 +230,16 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
         if state.get("data") != data:
             raise ValueError(f"cannot resume on other data: the checkpoint read {state.get('data')} "
                              f"(documents, tokens each, processes), this run has {data}")
-        tensors, _ = read_trained(os.path.join(output, TRAINED_FILE))
+        tensors, trained_info = read_trained(os.path.join(output, TRAINED_FILE))
+        handle = getattr(model, "knnmem", None)
+        if handle is not None and trained_info.get("patch") != handle.settings:
+            raise ValueError(f"cannot resume with other patch settings: the checkpoint has {trained_info.get('patch')}, "
+                             f"this model is patched with {handle.settings}")
+        if handle is not None:
+            check_trained_fits(model, trained_info, os.path.join(output, TRAINED_FILE))
+        if trained_info.get("step") != state["step"]:
+            raise ValueError(f"{output}: the trained parameters are of step {trained_info.get('step')}, the trainer "
+                             f"state of step {state['step']} (a save was interrupted): cannot resume from it")
         restore_parameters(model, tensors, os.path.join(output, TRAINED_FILE))
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
@@ -220,6 +261,9 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
         for i, w in enumerate(spans):
             with autocast:
                 loss, n = _window_loss(model, batch, w)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"training loss is {loss.item()} at step {state['step'] + 1}: stopped "
+                                         "before the update (the last checkpoint, if any, is kept)")
             (loss / settings.accumulate).backward()
             pending, state["tokens"] = pending + 1, state["tokens"] + n * world
             losses.append(loss.item())
@@ -274,8 +318,13 @@ def _step(params, optimizer, scheduler, settings: TrainSettings, pending: int, w
         if world > 1:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
-    if settings.clip:
-        torch.nn.utils.clip_grad_norm_(params, settings.clip)
+    norm = torch.nn.utils.clip_grad_norm_(params, settings.clip or math.inf)  # max_norm inf: measures only
+    if not math.isfinite(norm.item()):
+        raise FloatingPointError(f"gradient norm is {norm.item()}: stopped before the update (the last "
+                                 "checkpoint, if any, is kept)")
     optimizer.step()
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise FloatingPointError("an update made trained parameters non-finite (learning rate too high?): stopped "
+                                 "(the last checkpoint, if any, is kept)")
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

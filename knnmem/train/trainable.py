@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import hf
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_finite_tensors, check_int, check_number, check_positive_int
 from ..files import read_tensors_and_json, save_tensors_and_json
 from ..handle import MemoryHandle
 from ..patch import patch_with_settings, unpatch
@@ -69,8 +69,11 @@ def save_trained(model: nn.Module, path: str, info: dict) -> None:
     choice made by `prepare`."""
     handle: MemoryHandle | None = getattr(model, "knnmem", None)
     if handle is not None:
-        info = {**info, "patch": handle.settings, **(handle.training or {})}
-    save_tensors_and_json(path, trained_parameters(model), "knnmem_trained", info)
+        info = {**info, "patch": handle.settings, **(handle.training or {}),
+                "model_fingerprint": hf.model_fingerprint(model)}
+    params = trained_parameters(model)
+    check_finite_tensors(f"save_trained({path!r})", params)
+    save_tensors_and_json(path, params, "knnmem_trained", info)
 
 
 def read_trained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -82,18 +85,33 @@ def read_trained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def restore_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Copy `tensors` into the trainable parameters of `model`; names and shapes must match exactly."""
+    """Copy `tensors` into the trainable parameters of `model` (cast to their dtypes): names and
+    shapes must match exactly, every tensor must be floating point and finite; all is checked
+    before anything is copied."""
     params = trained_parameters(model)
     if set(tensors) != set(params):
         missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         raise ValueError(f"{path} does not match this model's trainable parameters "
                          f"(missing: {missing[:4]}, unexpected: {extra[:4]})")
+    for name, param in params.items():
+        if tensors[name].shape != param.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
+                             f"the model's is {tuple(param.shape)}")
+    check_finite_tensors(path, tensors)
     with torch.no_grad():
         for name, param in params.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
-                                 f"the model's is {tuple(param.shape)}")
             param.copy_(tensors[name])
+
+
+def check_trained_fits(model: nn.Module, info: dict, path: str) -> None:
+    """ValueError unless the checkpoint `info` (of `read_trained`) was trained on this model (its
+    fingerprint, where the file records one) with a LoRA shape that fits it."""
+    saved = info.get("model_fingerprint")
+    if saved is not None and saved != hf.model_fingerprint(model):
+        raise ValueError(f"{path} was trained on another model ({saved}), not this one "
+                         f"({hf.model_fingerprint(model)})")
+    check_int(f"{path}: lora_rank", info.get("lora_rank", 8), 1, model.config.hidden_size)
+    check_number(f"{path}: lora_alpha", info.get("lora_alpha", 16.0))
 
 
 def load_trained(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle:
@@ -106,14 +124,28 @@ def load_trained(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle
     """
     path = os.path.join(os.fspath(directory), TRAINED_FILE)
     tensors, info = read_trained(path)
-    train = info.get("train")
-    if train not in TRAINABLE:
-        raise ValueError(f"{path}: not a fine-tuned retrofit (train {train!r}, expected one of {TRAINABLE})")
+    if info.get("train") not in TRAINABLE:
+        raise ValueError(f"{path}: not a fine-tuned retrofit (train {info.get('train')!r}, expected one of {TRAINABLE})")
+    check_trained_fits(model, info, path)
+    check_finite_tensors(path, tensors)
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
     handle = patch_with_settings(model, info.get("patch"), path)
     try:
-        prepare(model, train, info.get("lora_rank", 8), info.get("lora_alpha", 16.0))
+        prepare(model, info["train"], info.get("lora_rank", 8), info.get("lora_alpha", 16.0))
         restore_parameters(model, tensors, path)
-    except Exception:
+    except Exception:  # leave the model as it was: no LoRA layers, no patch, its own requires_grad
+        _remove_lora(model)
         unpatch(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen.get(name, p.requires_grad))
         raise
     return handle
+
+
+def _remove_lora(model: nn.Module) -> None:
+    """Put back the base layer of every LoRA layer that `prepare` injected."""
+    for name, module in list(model.named_modules()):
+        base = getattr(module, "base_layer", None)
+        if base is not None and any("lora_" in child for child, _ in module.named_children()):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child_name, base)
