@@ -54,6 +54,21 @@ def test_only_the_kv_heads_of_memory_heads_are_stored_and_searched():
     assert (handle.last_indices[0][:, [0, 2]] == -1).all() and (handle.last_indices[0][:, 1] >= 0).all()
 
 
+def test_memory_heads_retrieve_what_they_retrieve_when_every_head_has_memory():
+    """Only heads with memory search; what they find equals the full patch's search for them."""
+    first, second = torch.randint(VOCAB, (2, 30)), torch.randint(VOCAB, (2, 30))
+    found = {}
+    for heads in (None, [(1, 0), (1, 2), (1, 4)]):  # heads 0 and 2 share KV head 0, head 4 reads KV head 1
+        model = tiny("llama")
+        handle = knnmem.patch(model, heads=heads, layers=[1] if heads is None else None, topk=4, max_memories=64)
+        with torch.no_grad():
+            model(first)
+            model(second)
+        found[heads is None] = handle.last_indices[1]
+    torch.testing.assert_close(found[False][:, [0, 2, 4]], found[True][:, [0, 2, 4]], rtol=0, atol=0)
+    assert (found[False][:, [1, 3, 5]] == -1).all()
+
+
 def test_heads_round_trip_through_save_patch_and_load_patch(tmp_path):
     model = tiny("llama")
     knnmem.patch(model, heads={1: [5, 3]})
@@ -112,3 +127,9 @@ def test_calibrate_measures_every_candidate_and_keeps_the_best():
     assert list(result["runs"]) == ["all", "2", "4"] and seen[0] is None and len(seen[1]) == 2
     assert result["best"] == "4" and len(result["heads"]) == 4
     assert getattr(model, "knnmem", None) is None
+    seen.clear()  # runs measure 9 (all), 8 (2 heads), 7 (4 heads): 8 is within 20% of 7, with fewer heads
+    result = calibration.calibrate(model, docs, counts=[2, 4], segment=16, span=64, measure=measure, progress=False,
+                                   max_memories=64, tolerance=0.2)
+    assert result["best"] == "2" and len(result["heads"]) == 2
+    with pytest.raises(ValueError, match="tolerance"):
+        calibration.calibrate(model, docs, counts=[2], measure=measure, tolerance=1.5)

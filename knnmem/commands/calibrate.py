@@ -6,7 +6,8 @@
 
 Scores every (layer, head) by how much its output depends on what lies beyond its sinks and local
 window (`knnmem.eval.calibration`), then measures xl+memory with the top-N heads for each N of
---counts (and with every head) on the same calibration documents, and keeps the best. Writes
+--counts (and with every head) on the same calibration documents, and keeps the fewest heads within
+--tolerance (1%) of the lowest perplexity (each head with memory searches the whole memory). Writes
 DIR/knnmem_patch.safetensors (`knnmem.load_patch`) and DIR/calibration.json (scores, perplexities).
 The calibration documents are never the eval's (`knnmem.corpus.CALIBRATION_DOCUMENTS`).
 """
@@ -18,11 +19,11 @@ import os
 import torch
 
 from .. import corpus
-from ..eval.calibration import calibrate
+from ..eval.calibration import DEFAULT_TOLERANCE, calibrate
 from ..eval.report import environment
 from ..files import write_json
 from ..patch import patch, save_patch, unpatch
-from .common import check_positive, check_results_writable, default_device, load_or_exit
+from .common import check_positive, check_results_writable, default_device, finite_float, load_or_exit
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", type=int, nargs="+", default=[8, 16, 32, 64],
                    help="numbers of heads to try (default: 8 16 32 64; every head is tried too)")
     p.add_argument("--segment", type=int, default=512, help="tokens per segment (default 512)")
+    p.add_argument("--tolerance", type=finite_float, default=DEFAULT_TOLERANCE,
+                   help="keep the fewest heads whose perplexity is within this fraction of the best (default 0.01)")
     p.add_argument("--output", default="runs/calibration", help="directory of the results (default runs/calibration)")
     p.add_argument("--device", default=default_device())
     return p
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_positive(parser, args, "max_tokens", "segment")
     if any(n <= 0 for n in args.counts):
         parser.error(f"--counts must be positive integers, got {args.counts}")
+    if not 0 <= args.tolerance < 1:
+        parser.error(f"--tolerance must be a fraction in [0, 1), got {args.tolerance}")
     if args.max_tokens < 2 * args.segment:
         parser.error(f"--max-tokens ({args.max_tokens}) must hold at least two segments of --segment {args.segment}")
     check_results_writable(parser, [os.path.join(args.output, CALIBRATION_FILE)])
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(err))
     model, tokenizer, description = load_or_exit(parser, args.model, args.device)
     documents = calibration_documents(tokenizer, args.data, args.max_tokens)
-    result = calibrate(model, documents, args.counts, args.segment)
+    result = calibrate(model, documents, args.counts, args.segment, tolerance=args.tolerance)
     patch(model, heads=result["heads"])
     save_patch(model, args.output)
     unpatch(model)

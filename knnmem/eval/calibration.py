@@ -9,8 +9,10 @@ over only the first `sinks` and the last `local` tokens:
     score(layer, head) = mean over queries of ||o_span - o_local|| / ||o_span||
 
 `choose_heads` keeps the highest-scoring heads; `calibrate` measures the memory configuration with
-each candidate number of heads on the calibration documents and keeps the best (the settings are
-then saved with `knnmem.save_patch` and restored by `knnmem.load_patch`).
+each candidate number of heads on the calibration documents and keeps the fewest heads whose
+perplexity is within `tolerance` (1%) of the best candidate's: every head with memory searches the
+whole memory, so heads that barely help cost time in proportion (the settings are then saved with
+`knnmem.save_patch` and restored by `knnmem.load_patch`).
 """
 from __future__ import annotations
 
@@ -94,15 +96,21 @@ def choose_heads(scores: torch.Tensor, count: int) -> list[tuple[int, int]]:
     return sorted((int(i) // scores.shape[1], int(i) % scores.shape[1]) for i in top)
 
 
+DEFAULT_TOLERANCE = 0.01  # a perplexity within 1% of the best is worth fewer heads
+
+
 def calibrate(model, documents: Sequence[torch.Tensor], counts: Sequence[int], segment: int = 512,
               span: int = 4096, measure: Callable[[object], float] | None = None, progress: bool = True,
-              **patch_options) -> dict:
+              tolerance: float = DEFAULT_TOLERANCE, **patch_options) -> dict:
     """Score the heads on `documents` (`head_scores` over `span`-token pieces, local = the
     xl+memory local context of two segments), then patch with the top-N heads for each N of
     `counts` (and with every head) and measure the xl+memory perplexity on the same calibration
-    documents (or `measure(patched model)`, lower is better).
+    documents (or `measure(patched model)`, lower is better), and keep the fewest heads within
+    `tolerance` (a fraction) of the lowest perplexity.
     Returns {"scores": (layers, heads) list, "runs": {N or "all": perplexity}, "best": N or "all",
-    "heads": the best's (layer, head) pairs or None}. The model is left unpatched."""
+    "heads": the best's (layer, head) pairs or None, "tolerance"}. The model is left unpatched."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
     scores = head_scores(model, documents, span=span, local=2 * segment, progress=progress)
     measure = measure or (lambda m: _perplexity(m, documents, segment))
     runs, choices = {}, {"all": None}
@@ -115,8 +123,11 @@ def calibrate(model, documents: Sequence[torch.Tensor], counts: Sequence[int], s
         finally:
             unpatch(model)
         bar.set_postfix_str(f"{name} heads: {runs[name]:.3f}")
-    best = min(runs, key=runs.get)
-    return {"scores": scores.tolist(), "runs": runs, "best": best, "heads": choices[best]}
+    n_heads = scores.numel()
+    size = {name: n_heads if heads is None else len(heads) for name, heads in choices.items()}
+    lowest = min(runs.values())
+    best = min((name for name in runs if runs[name] <= lowest * (1 + tolerance)), key=lambda name: (size[name], runs[name]))
+    return {"scores": scores.tolist(), "runs": runs, "best": best, "heads": choices[best], "tolerance": tolerance}
 
 
 def _perplexity(model, documents: Sequence[torch.Tensor], segment: int) -> float:
