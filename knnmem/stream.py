@@ -136,8 +136,10 @@ class SlidingCache:
     def __len__(self) -> int:
         return self.cache.get_seq_length()
 
+    @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits of `tokens` (B, T) after the cached context; then evicts what leaves it."""
+        """Logits of `tokens` (B, T) after the cached context; then evicts what leaves it (a
+        reader: no gradients)."""
         tokens = tokens.to(self.model.device)
         if self.handle is None:
             logits = self.model(tokens, use_cache=True, **{self._argument: self.cache}).logits
@@ -147,6 +149,7 @@ class SlidingCache:
         self.evict()
         return logits
 
+    @torch.no_grad()
     def evict(self, keep: int | None = None) -> None:
         """Drop all but the sinks and the last `keep` (default: context) tokens, writing the dropped
         ones to memory, and rotate the kept ones back to follow the sinks."""

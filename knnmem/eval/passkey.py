@@ -7,8 +7,11 @@ and a question at the end. Configurations:
 - `memory`: the prompt before those tokens is read in segments through the patched model (with the
   previous segment as local context, as `xl+memory` in `knnmem eval`); then the model answers
   from the last tokens, with memory frozen during `generate()`.
-- `sinks+window`: StreamingLLM: the prompt read once through the model's KV cache, which keeps the
-  first 4 tokens and a sliding window of the native context; the answer continues from that cache.
+- `sinks+window`: the prompt's first 4 tokens (attention sinks) and its last tokens, as many as fit
+  the native context with the answer, read at once: what a sliding window of the native context
+  sees. (Not StreamingLLM's rolling KV cache, `knnmem.stream.SlidingCache`: on the bundled model
+  that cache loses a key that is inside its window, e.g. 12K tokens, depth 0.9, while these same
+  tokens read at once find it; see the README.)
 - `full`: the whole prompt at once, where it fits the model's native context.
 The answer is generated greedily; a trial counts if the key appears in it.
 """
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from ..handle import DEFAULT_TOPK
 from ..hf import native_context
 from ..patch import patch, unpatch
-from ..stream import DEFAULT_SINKS, SlidingCache, cache_argument, read
+from ..stream import DEFAULT_SINKS, read
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -77,7 +80,9 @@ def model_answerer(model, tokenizer, config: str, segment: int, max_new_tokens: 
         if config == "local":
             return generate(ids[-segment:])
         if config == "sinks+window":
-            return _answer_after_window(model, tokenizer, ids, segment, max_new_tokens)
+            window = (native_context(model) or 2048) - DEFAULT_SINKS - max_new_tokens
+            return generate(torch.cat([ids[:DEFAULT_SINKS], ids[-window:]]) if ids.numel() > DEFAULT_SINKS + window
+                            else ids)
         handle = patch(model, **patch_options)
         try:
             prefix = ids[:-segment]
@@ -89,22 +94,6 @@ def model_answerer(model, tokenizer, config: str, segment: int, max_new_tokens: 
             unpatch(model)
 
     return answer
-
-
-@torch.no_grad()
-def _answer_after_window(model, tokenizer, ids: torch.Tensor, segment: int, max_new_tokens: int) -> str:
-    """sinks+window: read all but the last segment into a sliding KV cache that, with the last
-    segment and the answer, fits the native context; then generate from it."""
-    window = (native_context(model) or 2048) - segment - DEFAULT_SINKS - max_new_tokens
-    cache = SlidingCache(model, context=window, sinks=DEFAULT_SINKS)
-    prefix = ids[:-segment]
-    for start in range(0, prefix.numel(), segment):
-        cache.forward(prefix[None, start:start + segment])
-    # Positions already in the cache are placeholders: generate() reads only those after it.
-    prompt = torch.cat([torch.zeros(len(cache), dtype=torch.long), ids[-segment:]])[None].to(model.device)
-    out = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-                         **{cache_argument(model): cache.cache})
-    return tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], depths: list[float], trials: int,
