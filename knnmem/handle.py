@@ -30,11 +30,10 @@ from ._checks import check_choice, check_int, check_positive_int
 from .files import read_json, write_json
 from .functional import LOGITS, MODES, check_memory_bias, knn_attention_core, local_attention
 from .knowledge import Collector, KnowledgeMemory, Storage, texts_to_ids
-from .memory import KNNMemory, check_memory_options, memory_for_batch
+from .memory import DEFAULT_PINNED, KNNMemory, check_memory_options, memory_for_batch
 from .positions import POLICIES, RotaryPlacement
 
 GATE, SCALE = "knn_gate", "knn_memory_scale"  # the parameters `patch` adds to each memory layer
-DEFAULT_PINNED = 64  # first tokens of a document kept in a bounded memory (measured: README)
 DEFAULT_DISTANCE = 2048  # where memories sit: beyond the default local window (ablation: README)
 DEFAULT_TOPK = 8  # memories retrieved per query and head (ablation: README)
 _HANDLE_FORMAT = 2

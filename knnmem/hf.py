@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama")
-FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama family"
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")
+FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Qwen3, Gemma (1)"
 
 
 def model_type(model: nn.Module) -> str | None:

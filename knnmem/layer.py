@@ -7,7 +7,7 @@ from torch import nn
 
 from ._checks import check_choice, check_positive_int, check_tensor
 from .functional import LOGITS, MODES, knn_attention, local_attention
-from .memory import KNNMemory, check_memory_options, memory_for_batch
+from .memory import KNNMemory, check_memory_options, default_pinned, memory_for_batch
 from .positions import apply_rotary, rope_angles
 
 
@@ -136,7 +136,8 @@ class KNNAttention(CausalAttention):
         topk: memories retrieved per query. max_memories: capacity per (row, KV head).
         mode: "gate" (learned per-head sigmoid gate, initialised at 0.5) or "joint".
         logits: "normalized" (the paper's: cosine times a learned per-head scale) or "raw".
-        pinned: the first `pinned` tokens of each document stay in memory when it overflows.
+        pinned: the first `pinned` tokens of each document stay in memory when it overflows
+            (None: 64, or half a smaller memory, as `knnmem.patch`).
         memory_backend: search backend of the owned memory ("auto", "exact", "ivf", ...).
         memory: an existing `KNNMemory` to use instead of creating one on the first call.
     """
@@ -155,7 +156,7 @@ class KNNAttention(CausalAttention):
         memory_backend: str = "auto",
         memory: KNNMemory | None = None,
         bias: bool = False,
-        pinned: int = 0,
+        pinned: int | None = None,
         rope_base: float | None = None,
     ) -> None:
         super().__init__(dim, heads, head_dim, kv_heads, xl_cache=xl_cache, rope_base=rope_base, bias=bias)
@@ -163,6 +164,7 @@ class KNNAttention(CausalAttention):
         check_choice("logits", logits, LOGITS)
         self.topk = check_positive_int("topk", topk)
         self.max_memories = check_positive_int("max_memories", max_memories)
+        pinned = default_pinned(max_memories) if pinned is None else pinned
         check_memory_options(max_memories, memory_backend, pinned)
         self.mode, self.logits, self.memory_backend, self.pinned = mode, logits, memory_backend, pinned
         self.gate = nn.Parameter(torch.zeros(heads))  # sigmoid(0) = 0.5, as in the paper's code

@@ -338,6 +338,17 @@ def _validated_metadata(meta: object, tensors: dict[str, torch.Tensor]) -> dict:
     return meta
 
 
+DEFAULT_PINNED = 64  # first tokens of a document kept in a bounded memory (measured: README)
+
+
+def default_pinned(max_memories: object) -> object:
+    """64 pinned tokens, or max_memories // 2 if that is smaller (a bad max_memories is reported
+    by the options' check)."""
+    if isinstance(max_memories, int) and not isinstance(max_memories, bool):
+        return min(DEFAULT_PINNED, max_memories // 2)
+    return DEFAULT_PINNED
+
+
 def check_memory_options(max_memories: object, backend: object, pinned: object) -> None:
     """Checks of the options a layer or a patch passes to the stores it creates on first use,
     so that a bad value fails at construction, not at the first forward."""

@@ -25,7 +25,8 @@ from torch import nn
 
 from . import hf
 from .files import read_tensors_and_json, save_tensors_and_json
-from .handle import DEFAULT_DISTANCE, DEFAULT_PINNED, DEFAULT_TOPK, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
+from .handle import DEFAULT_DISTANCE, DEFAULT_TOPK, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
+from .memory import default_pinned
 from .positions import RotaryPlacement
 
 ATTENTION_NAME = "knnmem"
@@ -105,7 +106,7 @@ def patch(
     settings = PatchSettings(
         layers=_layer_list(layers, len(modules)), heads=head_pairs, topk=topk, max_memories=max_memories, mode=mode, logits=logits,
         position=position, distance=distance, memory_backend=memory_backend, memory_bias=memory_bias,
-        pinned=_default_pinned(max_memories) if pinned is None else pinned)
+        pinned=default_pinned(max_memories) if pinned is None else pinned)
     gate_init = check_gate_init(gate_init)
     rotary = hf.rotary_embedding(model)
     placement = RotaryPlacement(rotary, position, distance) if rotary is not None else None
@@ -155,14 +156,6 @@ def _head_pairs(heads, n_layers: int, n_heads: int) -> tuple[tuple[int, int], ..
         raise ValueError(f"heads must be a non-empty set of (layer in [0, {n_layers}), query head in [0, {n_heads})) "
                          f"pairs, got {bad[:4] or items}")
     return tuple(sorted(set(items)))
-
-
-def _default_pinned(max_memories: object) -> object:
-    """64 pinned tokens, or max_memories // 2 if that is smaller (a bad max_memories is reported
-    by the settings' check)."""
-    if isinstance(max_memories, int) and not isinstance(max_memories, bool):
-        return min(DEFAULT_PINNED, max_memories // 2)
-    return DEFAULT_PINNED
 
 
 def unpatch(model: nn.Module) -> None:

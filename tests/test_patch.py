@@ -28,6 +28,38 @@ def tiny(family: str):
 
 
 FAMILIES = ["gpt2", "gpt_neox", "llama"]
+# Llama-like families (q/k/v/o projections, rotary): Qwen3 normalises q and k per head, Gemma scales
+# its embeddings and has its own head_dim; all go through transformers' attention interface.
+LLAMA_LIKE = ["mistral", "qwen2", "qwen3", "gemma"]
+
+
+def tiny_llama_like(family: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                                  num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=VOCAB,
+                                  max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", LLAMA_LIKE)
+def test_llama_like_families_patch_read_memory_and_unpatch_exactly(family, tmp_path):
+    model = tiny_llama_like(family)
+    ids, mask = _padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        handle = knnmem.patch(model, mode="gate", gate_init=0.0)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], reference[real], atol=ATOL, rtol=0)
+        assert handle.stats()["stored_per_row"] == {0: [12, 8], 1: [12, 8]}
+        changed = model(ids, attention_mask=mask).logits
+        assert (changed[real] - reference[real]).abs().max() > 1e-3  # memory is read
+        knnmem.save_patch(model, tmp_path)
+        knnmem.unpatch(model)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference, atol=0, rtol=0)
+        knnmem.load_patch(model, tmp_path)
+        assert model.knnmem.settings == handle.settings
 # fp32 logits of the same math computed by differently ordered sums (sdpa vs our reference).
 ATOL = 1e-5
 
@@ -170,7 +202,7 @@ def test_generate_save_load_and_document_scopes(tmp_path):
 
 def test_bad_calls_raise_clear_errors():
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(TypeError, match=r"supports transformers models of types \('gpt2', 'gpt_neox', 'llama'\)"):
+    with pytest.raises(TypeError, match=r"supports transformers models of types \('gpt2', 'gpt_neox', 'llama', 'mistral'"):
         knnmem.patch(bert)
     model = tiny("llama")
     with pytest.raises(ValueError, match=r"layers must be a non-empty list of layer indices in \[0, 2\)"):

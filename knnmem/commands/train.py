@@ -18,7 +18,8 @@ import time
 import torch.distributed as dist
 
 from .. import corpus
-from ..handle import DEFAULT_DISTANCE, DEFAULT_PINNED, DEFAULT_TOPK, PatchSettings
+from ..handle import DEFAULT_DISTANCE, DEFAULT_TOPK, PatchSettings
+from ..memory import default_pinned
 from ..patch import patch
 from ..positions import POLICIES
 from ..search import BACKENDS
@@ -81,7 +82,7 @@ def validate(parser: argparse.ArgumentParser, args) -> tuple[TrainSettings, list
         layers = parse_layers(args.layers) if args.layers else None
         PatchSettings(layers=(0,), topk=args.topk, max_memories=args.memory, mode=args.mode, logits=args.logits,
                       position=args.position, distance=args.distance, memory_backend=args.memory_backend,
-                      pinned=min(DEFAULT_PINNED, args.memory // 2))  # the patch options, checked now
+                      pinned=default_pinned(args.memory))  # the patch options, checked now
         args.paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
     except (ValueError, OSError) as err:
         parser.error(str(err))
