@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results/paper_table_cpu.json")
     args = p.parse_args()
-    train_paths, validation_paths = corpus.split(corpus.default_corpus())
+    train_paths, validation_paths = corpus.split(corpus.training_corpus())
     train_docs = document_pieces(train_paths, utf8_bytes, args.doc_tokens, args.max_docs)
     val_docs = document_pieces(validation_paths, utf8_bytes, args.doc_tokens, args.val_docs)
     configs = configurations(args)

@@ -60,6 +60,13 @@ def find_documents(patterns: list[str]) -> list[str]:
     return sorted(set(found))
 
 
+def training_corpus(count: int = 200) -> list[str]:
+    """The default training documents: `default_corpus` without the eval's held-out documents
+    (`EVAL_DOCUMENTS`), so that nothing tuned or validated in training is what the eval reports."""
+    held_out = set(stdlib_documents(EVAL_DOCUMENTS).values())
+    return [p for p in default_corpus(count + len(held_out)) if p not in held_out][:count]
+
+
 def is_validation(path: str, fraction: float = 0.5) -> bool:
     """Reproducible split by document: a hash of the file name (not its location on disk)."""
     digest = hashlib.sha256(os.path.basename(path).encode()).digest()

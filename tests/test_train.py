@@ -27,6 +27,15 @@ def _repeating_documents(count: int, length: int, period: int = 24, seed: int = 
 SMALL = dict(lr=1e-2, lr_memory=1e-1, warmup=2, segment=16, context=16, batch_size=2, validate_every=0, save_every=0)
 
 
+def test_the_default_training_corpus_holds_none_of_the_eval_documents():
+    from knnmem import corpus
+
+    held_out = set(corpus.stdlib_documents(corpus.EVAL_DOCUMENTS).values())
+    assert held_out <= set(corpus.default_corpus())  # the largest stdlib files: they would be in it
+    training = corpus.training_corpus()
+    assert len(training) == 200 and not held_out & set(training)
+
+
 def test_default_layers_are_a_fifth_at_60_to_80_percent_depth():
     assert default_layers(30) == [18, 19, 20, 21, 22, 23]
     assert default_layers(12) == [7, 8] and default_layers(2) == [1]

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--data", nargs="+", help="files, directories or globs (default: stdlib .py files); "
+    p.add_argument("--data", nargs="+", help="files, directories or globs (default: the 200 largest stdlib .py files "
+                   "but the eval's held-out documents); "
                    "a by-document split keeps validation documents out of training")
     p.add_argument("--output", default="runs/train", help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
@@ -83,7 +84,7 @@ def validate(parser: argparse.ArgumentParser, args) -> tuple[TrainSettings, list
         PatchSettings(layers=(0,), topk=args.topk, max_memories=args.memory, mode=args.mode, logits=args.logits,
                       position=args.position, distance=args.distance, memory_backend=args.memory_backend,
                       pinned=default_pinned(args.memory))  # the patch options, checked now
-        args.paths = corpus.find_documents(args.data) if args.data else corpus.default_corpus()
+        args.paths = corpus.find_documents(args.data) if args.data else corpus.training_corpus()
     except (ValueError, OSError) as err:
         parser.error(str(err))
     check_positive(parser, args, "doc_tokens", "val_docs", "memory", "topk", "lora_rank")
