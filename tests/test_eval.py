@@ -270,3 +270,22 @@ def test_passkey_checks_its_output_before_loading_and_writes_after_each_config(t
     passkey_main(["--model", model_dir, "--json", str(out), "--lengths", "200", "--depths", "0.5", "--trials", "1",
                   "--segment", "64", "--configs", "local", "full", "--heads", "all"])
     assert set(json.loads(out.read_text())["accuracy"]) == {"local", "full"}
+
+
+def test_the_plot_by_memory_size_has_a_line_for_every_memory_kind(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from knnmem.eval.report import save_plot
+
+    def config(kind, memory, ppl):
+        return {"kind": kind, "memory": memory, "ppl": ppl, "ppl_by_segment": [ppl, ppl]}
+
+    result = {"settings": {"segment": 512, "memory": 4096},
+              "configs": {"xl": config("xl", None, 7.0), "xl+memory": config("xl+memory", 4096, 6.0),
+                          "xl+memory@1024": config("xl+memory", 1024, 6.5), "memory": config("memory", 4096, 6.8)}}
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    save_plot(result, str(tmp_path / "plot.png"))
+    by_size = figures[0].axes[1]
+    lines = {line.get_label(): list(line.get_xdata()) for line in by_size.get_lines()}
+    assert lines["xl+memory"] == [1024, 4096] and lines["memory"] == [4096] and "xl" in lines

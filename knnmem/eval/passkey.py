@@ -136,9 +136,11 @@ def plot_passkey(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for config, table in results.items():
+    styles = [("o", "-", 9), ("s", "--", 7), ("^", ":", 6), ("x", "-.", 8)]  # overlapping lines stay visible
+    for (config, table), (marker, line, size) in zip(results.items(), styles * len(results)):
         lengths = [int(n) for n in table]
-        ax.plot(lengths, [sum(row.values()) / len(row) for row in table.values()], marker="o", label=config)
+        ax.plot(lengths, [sum(row.values()) / len(row) for row in table.values()], marker=marker, linestyle=line,
+                markersize=size, markerfacecolor="none", label=config)
     ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="accuracy (mean over depths)",
            title="Passkey retrieval", ylim=(-0.05, 1.05))
     ax.legend()

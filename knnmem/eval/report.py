@@ -5,6 +5,8 @@ import os
 import platform
 import time
 
+from .scoring import uses_memory
+
 
 def environment() -> dict:
     import faiss
@@ -63,16 +65,17 @@ def save_plot(result: dict, path: str) -> None:
     configs = result["configs"]
     segment = result["settings"]["segment"]
     fig, (by_position, by_size) = plt.subplots(1, 2, figsize=(11, 4))
+    memory_kinds = sorted({c["kind"] for c in configs.values() if uses_memory(c["kind"])})
     for name, c in configs.items():
-        if c["kind"] != "memory" or c["memory"] == result["settings"]["memory"]:
+        if not uses_memory(c["kind"]) or c["memory"] == result["settings"]["memory"]:
             xs = [segment * (i + 1) for i in range(len(c["ppl_by_segment"]))]
             by_position.plot(xs, c["ppl_by_segment"], marker="o", label=name)
     by_position.set(xlabel="position in document (tokens, end of segment)", ylabel="perplexity",
                     title="Perplexity by position")
     by_position.legend()
-    sizes = sorted((c["memory"], c["ppl"]) for c in configs.values() if c["kind"] == "memory")
-    if sizes:
-        by_size.plot([s for s, _ in sizes], [p for _, p in sizes], marker="o", label="memory")
+    for kind in memory_kinds:  # one line per memory kind (memory, xl+memory) over the sizes run
+        sizes = sorted((c["memory"], c["ppl"]) for c in configs.values() if c["kind"] == kind)
+        by_size.plot([s for s, _ in sizes], [p for _, p in sizes], marker="o", label=kind)
         by_size.set_xscale("log", base=2)
     for name, style in (("none", "--"), ("long", ":"), ("xl", "-.")):
         if name in configs:
