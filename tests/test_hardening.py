@@ -249,12 +249,18 @@ def test_a_damaged_trainer_state_is_a_value_error_naming_it(damage, tmp_path):
               resume=True, progress=False)
 
 
-def test_handle_json_is_parsed_as_data(tmp_path):
+def _saved_handle(directory):
+    """A patched tiny model that has read 8 tokens, its handle saved to `directory`."""
     model = tiny("llama")
     handle = knnmem.patch(model)
     with torch.no_grad():
         model(torch.randint(VOCAB, (1, 8)), use_cache=False)
-    handle.save(tmp_path / "mem")
+    handle.save(directory)
+    return handle
+
+
+def test_handle_json_is_parsed_as_data(tmp_path):
+    handle = _saved_handle(tmp_path / "mem")
     meta = json.loads((tmp_path / "mem" / "handle.json").read_text())
     (tmp_path / "mem" / "handle.json").unlink()
     os.symlink(tmp_path / "outside.json", tmp_path / "mem" / "handle.json")
@@ -289,11 +295,7 @@ def test_knowledge_is_refused_after_the_memory_layers_attention_changes():
 
 
 def test_concurrent_handle_saves_into_one_folder_never_delete_each_others_files(tmp_path):
-    model = tiny("llama")
-    handle = knnmem.patch(model)
-    with torch.no_grad():
-        model(torch.randint(VOCAB, (1, 8)), use_cache=False)
-    handle.save(tmp_path / "mem")
+    handle = _saved_handle(tmp_path / "mem")
     first = set(os.listdir(tmp_path / "mem"))
     other_snapshot = {name.replace(name.split(".")[1], "b" * 12) for name in first if name.startswith("layer_")}
     for name in other_snapshot:  # files of another process's save, not yet named by handle.json
