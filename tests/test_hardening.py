@@ -345,6 +345,7 @@ def _no_work(*args, **kwargs):
     ("train", ["--lora-rank", str(10 ** 8), "--train", "lora"], "--lora-rank must be at most"),
     ("train", ["--clip", "nan"], "--clip"),
     ("train", ["--lr-memory", "inf"], "--lr-memory"),
+    ("train", ["--mode", "joint", "--logits", "raw"], "has nothing to train"),
 ])
 def test_commands_refuse_bad_options_before_any_work(command, options, message, tiny_model_dir, tmp_path, monkeypatch,
                                                      capsys):
@@ -370,3 +371,15 @@ def test_commands_refuse_bad_options_before_any_work(command, options, message, 
         main(["--model", model_dir, *data, *out, *options])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_joint_mode_trains_its_memory_scales_from_the_first_window_and_raw_joint_is_refused():
+    model = _llama()
+    knnmem.patch(model, layers=[1], mode="joint", logits="normalized", max_memories=128)
+    prepare(model, "memory")  # the first window has no memory yet: its loss reaches no trained parameter
+    log = train(model, _repeating_documents(2, 64), TrainSettings(steps=3, **SMALL), progress=False)
+    assert len(log["history"]) == 3 and all(math.isfinite(x) for x in log["history"])
+    raw = _llama()
+    knnmem.patch(raw, layers=[1], mode="joint", logits="raw", max_memories=128)
+    with pytest.raises(ValueError, match="neither affects the output"):
+        prepare(raw, "memory")

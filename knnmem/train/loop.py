@@ -264,7 +264,8 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {state['step'] + 1}: stopped "
                                          "before the update (the last checkpoint, if any, is kept)")
-            (loss / settings.accumulate).backward()
+            if loss.requires_grad:  # not when nothing trained reached it (joint mode, memory still empty)
+                (loss / settings.accumulate).backward()
             pending, state["tokens"] = pending + 1, state["tokens"] + n * world
             losses.append(loss.item())
             if pending == settings.accumulate or i == len(spans) - 1:

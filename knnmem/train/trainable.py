@@ -40,6 +40,10 @@ def prepare(model: nn.Module, train: str = "memory", lora_rank: int = 8, lora_al
     if handle is None:
         raise ValueError("prepare needs a model patched by knnmem.patch (or loaded by load_trained)")
     check_choice("train", train, TRAINABLE)
+    if train == "memory" and handle.mode == "joint" and handle.logits == "raw":
+        raise ValueError("train='memory' trains gates and memory scales, and with mode='joint' and logits='raw' "
+                         "neither affects the output: use mode='gate' or logits='normalized', or train "
+                         "'attention' or 'lora'")
     targets = hf.projection_names(model, handle.layers)
     if train == "lora":
         from peft import LoraConfig, inject_adapter_in_model
