@@ -289,3 +289,23 @@ def test_the_plot_by_memory_size_has_a_line_for_every_memory_kind(tmp_path, monk
     by_size = figures[0].axes[1]
     lines = {line.get_label(): list(line.get_xdata()) for line in by_size.get_lines()}
     assert lines["xl+memory"] == [1024, 4096] and lines["memory"] == [4096] and "xl" in lines
+
+
+def test_model_accepts_a_hub_id_from_the_local_cache_only(tiny_model_dir, tmp_path):
+    """--model org/name loads from the local Hugging Face cache; an id not cached is a clear error."""
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--knnmem--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir[0], snapshot)
+    (tmp_path / "hub" / "models--knnmem--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--knnmem--tiny" / "refs" / "main").write_text("0" * 40)
+    code = ("from knnmem.eval.model import load_model\n"
+            "model, tokenizer, name = load_model('knnmem/tiny')\n"
+            "print(type(model).__name__, name)\n"
+            "try:\n    load_model('knnmem/absent')\nexcept FileNotFoundError as err:\n    print('refused:', err)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "LlamaForCausalLM knnmem/tiny" in out.stdout, out.stderr[-2000:]
+    assert "refused: 'knnmem/absent' is neither a local Hugging Face model directory nor a Hub id" in out.stdout

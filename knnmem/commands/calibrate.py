@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+                   help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
+                        "SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+", default=None,
                    help="calibration files (default: the standard library's " +
                         ", ".join(corpus.CALIBRATION_DOCUMENTS.values()) + ", the latter from token "

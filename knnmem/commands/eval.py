@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="perplexity",
                    help="perplexity (this page) or recall (see knnmem eval --task recall --help)")
-    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
+                   "SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+",
                    help="files, directories or globs, or 'stdlib' for the largest stdlib .py files (default: "
                         "one code and one prose document of the standard library, " +

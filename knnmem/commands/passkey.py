@@ -22,7 +22,8 @@ DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem passkey", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
+                   "SmolLM2-135M-Instruct)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--depths", type=finite_float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--trials", type=int, default=2, help="random keys per (length, depth)")

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem eval --task recall", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["recall"], default="recall")
-    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
+                   "SmolLM2-135M-Instruct)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--facts", type=int, default=64, help="facts stated, and asked")
     p.add_argument("--facts-per-document", type=int, default=8)

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainSettings()
     p = argparse.ArgumentParser(prog="knnmem train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local Hugging Face model directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
+                   "SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+", help="files, directories or globs (default: the 200 largest stdlib .py files "
                    "but the eval's held-out documents); "
                    "a by-document split keeps validation documents out of training")

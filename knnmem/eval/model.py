@@ -35,7 +35,8 @@ def bundled_model_path() -> tuple[str, str]:
 def load_model(model: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Return (model, tokenizer, description), offline.
 
-    model: None for the bundled SmolLM2-135M-Instruct, or a local Hugging Face model directory.
+    model: None for the bundled SmolLM2-135M-Instruct, a local Hugging Face model directory, or a
+        Hub id whose files are in the local Hugging Face cache (offline: nothing is downloaded).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,10 +44,14 @@ def load_model(model: str | None = None, dtype: torch.dtype = torch.float32, dev
     if model is None:
         model, kwargs["gguf_file"] = bundled_model_path()
         description = BUNDLED_NAME
-    elif not os.path.isdir(model):
-        raise FileNotFoundError(f"--model must be a local Hugging Face model directory, got {model!r}")
     else:
         description = model
-    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True, **kwargs)
+    try:  # a local directory, or a Hub id already in the local cache (nothing is downloaded)
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True, **kwargs)
+    except OSError as err:
+        if os.path.isdir(model):
+            raise
+        raise FileNotFoundError(f"{model!r} is neither a local Hugging Face model directory nor a Hub id in the "
+                                f"local cache (knnmem never downloads): {str(err).splitlines()[0]}") from None
     return lm.to(device).eval(), tokenizer, description
