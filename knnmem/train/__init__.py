@@ -3,6 +3,7 @@ memorising documents into a `ResidualMemory` (`train_adapter`)."""
 from ..corpus import pieces
 from .adapter import train_adapter
 from .loop import TrainSettings, perplexity, train
+from .retrofit import default_layers
 from .trainable import TRAINABLE, load_trained, prepare
 
-__all__ = ["TRAINABLE", "TrainSettings", "load_trained", "perplexity", "pieces", "prepare", "train", "train_adapter"]
+__all__ = ["TRAINABLE", "TrainSettings", "default_layers", "load_trained", "perplexity", "pieces", "prepare", "train", "train_adapter"]
