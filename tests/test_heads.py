@@ -133,3 +133,7 @@ def test_calibrate_measures_every_candidate_and_keeps_the_best():
     assert result["best"] == "2" and len(result["heads"]) == 2
     with pytest.raises(ValueError, match="tolerance"):
         calibration.calibrate(model, docs, counts=[2], measure=measure, tolerance=1.5)
+    seen.clear()  # a budget of 3 heads: neither every head (12) nor 4 is measured
+    result = calibration.calibrate(model, docs, counts=[2, 4], segment=16, span=64, measure=measure, progress=False,
+                                   max_memories=64, max_heads=3)
+    assert list(result["runs"]) == ["2"] and result["best"] == "2" and len(seen) == 1

@@ -6,8 +6,9 @@
 
 Scores every (layer, head) by how much its output depends on what lies beyond its sinks and local
 window (`knnmem.eval.calibration`), then measures xl+memory with the top-N heads for each N of
---counts (and with every head) on the same calibration documents, and keeps the fewest heads within
---tolerance (1%) of the lowest perplexity (each head with memory searches the whole memory). Writes
+--counts (and with every head) up to --max-heads (64) on the same calibration documents, and keeps
+the fewest heads within --tolerance (1%) of the lowest perplexity (each head with memory runs an
+exact search over the whole memory: the budget bounds that cost). Writes
 DIR/knnmem_patch.safetensors (`knnmem.load_patch`) and DIR/calibration.json (scores, perplexities).
 The calibration documents are never the eval's (`knnmem.corpus.CALIBRATION_DOCUMENTS`).
 """
@@ -19,7 +20,7 @@ import os
 import torch
 
 from .. import corpus
-from ..eval.calibration import DEFAULT_TOLERANCE, calibrate
+from ..eval.calibration import DEFAULT_MAX_HEADS, DEFAULT_TOLERANCE, calibrate
 from ..eval.report import environment
 from ..files import write_json
 from ..patch import patch, save_patch, unpatch
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", type=int, nargs="+", default=[8, 16, 32, 64],
                    help="numbers of heads to try (default: 8 16 32 64; every head is tried too)")
     p.add_argument("--segment", type=int, default=512, help="tokens per segment (default 512)")
+    p.add_argument("--max-heads", type=int, default=DEFAULT_MAX_HEADS,
+                   help="the most heads a candidate may have (default 64; every head is a candidate only if it "
+                        "fits)")
     p.add_argument("--tolerance", type=finite_float, default=DEFAULT_TOLERANCE,
                    help="keep the fewest heads whose perplexity is within this fraction of the best (default 0.01)")
     p.add_argument("--output", default="runs/calibration", help="directory of the results (default runs/calibration)")
@@ -64,7 +68,9 @@ def calibration_documents(tokenizer, data: list[str] | None, max_tokens: int) ->
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_positive(parser, args, "max_tokens", "segment")
+    check_positive(parser, args, "max_tokens", "segment", "max_heads")
+    if min(args.counts) > args.max_heads:
+        parser.error(f"--counts {args.counts}: none fits --max-heads {args.max_heads}")
     if any(n <= 0 for n in args.counts):
         parser.error(f"--counts must be positive integers, got {args.counts}")
     if not 0 <= args.tolerance < 1:
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(str(err))
     model, tokenizer, description = load_or_exit(parser, args.model, args.device)
     documents = calibration_documents(tokenizer, args.data, args.max_tokens)
-    result = calibrate(model, documents, args.counts, args.segment, tolerance=args.tolerance)
+    result = calibrate(model, documents, args.counts, args.segment, tolerance=args.tolerance, max_heads=args.max_heads)
     patch(model, heads=result["heads"])
     save_patch(model, args.output)
     unpatch(model)

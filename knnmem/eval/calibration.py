@@ -9,9 +9,10 @@ over only the first `sinks` and the last `local` tokens:
     score(layer, head) = mean over queries of ||o_span - o_local|| / ||o_span||
 
 `choose_heads` keeps the highest-scoring heads; `calibrate` measures the memory configuration with
-each candidate number of heads on the calibration documents and keeps the fewest heads whose
-perplexity is within `tolerance` (1%) of the best candidate's: every head with memory searches the
-whole memory, so heads that barely help cost time in proportion (the settings are then saved with
+each candidate number of heads up to a budget (`max_heads`, default 64) on the calibration
+documents and keeps the fewest heads whose perplexity is within `tolerance` (1%) of the best
+candidate's: every head with memory runs an exact search over the whole memory, so each head costs
+time in proportion, whether it helps or not (the settings are then saved with
 `knnmem.save_patch` and restored by `knnmem.load_patch`).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .. import hf
+from .._checks import check_positive_int
 from ..patch import patch, unpatch
 from .scoring import score_document
 
@@ -97,24 +99,32 @@ def choose_heads(scores: torch.Tensor, count: int) -> list[tuple[int, int]]:
 
 
 DEFAULT_TOLERANCE = 0.01  # a perplexity within 1% of the best is worth fewer heads
+DEFAULT_MAX_HEADS = 64  # the search budget: about a quarter of SmolLM2's 270 query heads (see the README)
 
 
 def calibrate(model, documents: Sequence[torch.Tensor], counts: Sequence[int], segment: int = 512,
               span: int = 4096, measure: Callable[[object], float] | None = None, progress: bool = True,
-              tolerance: float = DEFAULT_TOLERANCE, **patch_options) -> dict:
+              tolerance: float = DEFAULT_TOLERANCE, max_heads: int | None = DEFAULT_MAX_HEADS,
+              **patch_options) -> dict:
     """Score the heads on `documents` (`head_scores` over `span`-token pieces, local = the
     xl+memory local context of two segments), then patch with the top-N heads for each N of
-    `counts` (and with every head) and measure the xl+memory perplexity on the same calibration
-    documents (or `measure(patched model)`, lower is better), and keep the fewest heads within
-    `tolerance` (a fraction) of the lowest perplexity.
+    `counts` (and with every head) up to `max_heads` heads (None: no budget) and measure the
+    xl+memory perplexity on the same calibration documents (or `measure(patched model)`, lower is
+    better), and keep the fewest heads within `tolerance` (a fraction) of the lowest perplexity.
     Returns {"scores": (layers, heads) list, "runs": {N or "all": perplexity}, "best": N or "all",
     "heads": the best's (layer, head) pairs or None, "tolerance"}. The model is left unpatched."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
+    if max_heads is not None:
+        check_positive_int("max_heads", max_heads)
     scores = head_scores(model, documents, span=span, local=2 * segment, progress=progress)
     measure = measure or (lambda m: _perplexity(m, documents, segment))
-    runs, choices = {}, {"all": None}
-    choices.update({str(n): choose_heads(scores, n) for n in counts})
+    n_heads = scores.numel()
+    budget = n_heads if max_heads is None else max_heads
+    runs, choices = {}, {"all": None} if n_heads <= budget else {}
+    choices.update({str(n): choose_heads(scores, n) for n in counts if min(n, n_heads) <= budget})
+    if not choices:
+        raise ValueError(f"no candidate fits max_heads={max_heads}: give a count of at most {max_heads} heads")
     bar = tqdm(choices.items(), desc="calibrate: measure", unit="choice", disable=not progress)
     for name, heads in bar:
         patch(model, heads=heads, **patch_options)
@@ -123,11 +133,11 @@ def calibrate(model, documents: Sequence[torch.Tensor], counts: Sequence[int], s
         finally:
             unpatch(model)
         bar.set_postfix_str(f"{name} heads: {runs[name]:.3f}")
-    n_heads = scores.numel()
     size = {name: n_heads if heads is None else len(heads) for name, heads in choices.items()}
     lowest = min(runs.values())
     best = min((name for name in runs if runs[name] <= lowest * (1 + tolerance)), key=lambda name: (size[name], runs[name]))
-    return {"scores": scores.tolist(), "runs": runs, "best": best, "heads": choices[best], "tolerance": tolerance}
+    return {"scores": scores.tolist(), "runs": runs, "best": best, "heads": choices[best], "tolerance": tolerance,
+            "max_heads": max_heads}
 
 
 def _perplexity(model, documents: Sequence[torch.Tensor], segment: int) -> float:
