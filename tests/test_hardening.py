@@ -383,3 +383,13 @@ def test_joint_mode_trains_its_memory_scales_from_the_first_window_and_raw_joint
     knnmem.patch(raw, layers=[1], mode="joint", logits="raw", max_memories=128)
     with pytest.raises(ValueError, match="neither affects the output"):
         prepare(raw, "memory")
+
+
+def test_a_huge_max_tokens_sizes_nothing_beyond_the_documents_read():
+    from knnmem.eval.perplexity import PerplexityRun, evaluate_perplexity
+
+    model = tiny("llama")
+    documents = [("a.py", torch.randint(VOCAB, (40,))), ("b.py", torch.randint(VOCAB, (24,)))]
+    run = PerplexityRun(configs=["none"], segment=16, max_tokens=10 ** 12)
+    result = evaluate_perplexity(model, "tiny", documents, run)
+    assert len(result["configs"]["none"]["ppl_by_segment"]) == 3 and result["configs"]["none"]["tokens"] == 39 + 23

@@ -3,6 +3,7 @@ the documents to read, the configurations, and the run that scores every documen
 them and gathers the results (summed over processes under torchrun)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -194,6 +195,8 @@ def evaluate_perplexity(model, description: str, documents: list[tuple[str, torc
     from `select_documents`; process `rank` of `world` reads its share). `settings` is recorded
     as given. on_result(result so far) is called after each configuration (partial results)."""
     names = [corpus.display_name(path) for path, _ in documents]
+    if documents:  # per-position sums are sized by the longest document read, never by the option alone
+        run = dataclasses.replace(run, max_tokens=min(run.max_tokens, max(ids.numel() for _, ids in documents)))
 
     def result(totals: dict[str, Totals]) -> dict:
         return {"model": description,
