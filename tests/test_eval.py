@@ -309,3 +309,12 @@ def test_model_accepts_a_hub_id_from_the_local_cache_only(tiny_model_dir, tmp_pa
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "LlamaForCausalLM knnmem/tiny" in out.stdout, out.stderr[-2000:]
     assert "refused: 'knnmem/absent' is neither a local Hugging Face model directory nor a Hub id" in out.stdout
+
+
+@pytest.mark.parametrize("command", [["eval"], ["eval", "--task", "recall"], ["passkey"], ["train"], ["calibrate"]])
+def test_every_command_help_shows_the_defaults(command, capsys):
+    from knnmem.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0 and "(default: " in capsys.readouterr().out

@@ -393,3 +393,15 @@ def test_a_huge_max_tokens_sizes_nothing_beyond_the_documents_read():
     run = PerplexityRun(configs=["none"], segment=16, max_tokens=10 ** 12)
     result = evaluate_perplexity(model, "tiny", documents, run)
     assert len(result["configs"]["none"]["ppl_by_segment"]) == 3 and result["configs"]["none"]["tokens"] == 39 + 23
+
+
+def test_saved_files_get_the_mode_of_any_new_file(tmp_path):
+    from knnmem.files import write_json
+
+    umask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644

@@ -24,14 +24,14 @@ from ..eval.calibration import DEFAULT_MAX_HEADS, DEFAULT_TOLERANCE, calibrate
 from ..eval.report import environment
 from ..files import write_json
 from ..patch import patch, save_patch, unpatch
-from .common import check_positive, check_results_writable, default_device, finite_float, load_or_exit
+from .common import HelpFormatter, check_positive, check_results_writable, default_device, finite_float, load_or_exit
 
 CALIBRATION_FILE = "calibration.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem calibrate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default=None,
                    help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
                         "SmolLM2-135M-Instruct)")

@@ -13,6 +13,10 @@ from ..eval.model import BUNDLED_CALIBRATION, load_model
 from ..patch import saved_settings
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The commands' --help: the description as written, and every option's default."""
+
+
 def parse_layers(text: str) -> list[int] | None:
     """"all", or a comma list of indices and ascending ranges: "22", "15-29", "0,10-12"."""
     if text == "all":

@@ -23,8 +23,8 @@ from ..eval.scoring import KINDS
 from ..positions import POLICIES
 from ..search import BACKENDS
 from ..train.trainable import TRAINABLE, TRAINED_FILE, check_trained_fits, read_trained
-from .common import (check_layers, check_positive, check_results_writable, default_device, memory_heads, parse_layers,
-                     start_command)
+from .common import (HelpFormatter, check_layers, check_positive, check_results_writable, default_device, memory_heads,
+                     parse_layers, start_command)
 
 TASKS = ("perplexity", "recall")
 # Memory settings a fine-tuned checkpoint fixes (it was trained with them).
@@ -34,7 +34,7 @@ CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "layers", "mo
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--task", choices=TASKS, default="perplexity",
                    help="perplexity (this page) or recall (see knnmem eval --task recall --help)")
     p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "

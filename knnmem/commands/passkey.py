@@ -13,7 +13,8 @@ from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passke
 from ..eval.report import write_json
 from ..handle import DEFAULT_TOPK
 from ..hf import native_context
-from .common import check_positive, check_results_writable, default_device, finite_float, load_or_exit, memory_heads
+from .common import (HelpFormatter, check_positive, check_results_writable, default_device, finite_float, load_or_exit,
+                     memory_heads)
 
 # The help page: the usage lines above, then the task as knnmem.eval.passkey describes it.
 DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
@@ -21,7 +22,7 @@ DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem passkey", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
                    "SmolLM2-135M-Instruct)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])

@@ -13,8 +13,8 @@ from ..eval.recall import (CONFIGS, RecallRun, evaluate_recall, memorised_tokens
                            unicode_facts)
 from ..eval.report import write_json
 from ..knowledge import Storage
-from .common import (check_layers, check_positive, check_results_writable, default_device, finite_float, load_or_exit,
-                     parse_layers)
+from .common import (HelpFormatter, check_layers, check_positive, check_results_writable, default_device, finite_float,
+                     load_or_exit, parse_layers)
 
 # The help page: the usage lines above, then the task as knnmem.eval.recall describes it.
 DESCRIPTION = __doc__ + "\n" + recall.__doc__.split("\n\n", 1)[1]
@@ -22,7 +22,7 @@ DESCRIPTION = __doc__ + "\n" + recall.__doc__.split("\n\n", 1)[1]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnmem eval --task recall", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--task", choices=["recall"], default="recall")
     p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
                    "SmolLM2-135M-Instruct)")

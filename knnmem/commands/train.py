@@ -26,13 +26,14 @@ from ..search import BACKENDS
 from ..train.loop import STATE_FILE, TrainSettings
 from ..train.retrofit import default_layers, fine_tune, split_pieces
 from ..train.trainable import TRAINABLE, prepare
-from .common import check_layers, check_positive, check_writable, default_device, finite_float, parse_layers, start_command
+from .common import (HelpFormatter, check_layers, check_positive, check_writable, default_device, finite_float,
+                     parse_layers, start_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainSettings()
     p = argparse.ArgumentParser(prog="knnmem train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
                    "SmolLM2-135M-Instruct)")
     p.add_argument("--data", nargs="+", help="files, directories or globs (default: the 200 largest stdlib .py files "
