@@ -22,7 +22,7 @@ from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
 from ..positions import POLICIES
 from ..search import BACKENDS
-from ..train.trainable import TRAINABLE, TRAINED_FILE, check_trained_fits, read_trained
+from ..train.trainable import TRAINED_FILE, check_trained_fits, read_retrofit
 from .common import (HelpFormatter, check_layers, check_positive, check_results_writable, default_device, memory_heads,
                      parse_layers, start_command)
 
@@ -131,9 +131,7 @@ def _validate_checkpoint(parser: argparse.ArgumentParser, args) -> None:
     if not os.path.isfile(path):
         parser.error(f"--checkpoint {args.checkpoint!r} holds no {TRAINED_FILE} (a `knnmem train` output)")
     try:
-        _, args.checkpoint_info = read_trained(path)
-        if args.checkpoint_info.get("train") not in TRAINABLE:
-            raise ValueError(f"{path}: not a fine-tuned retrofit (train {args.checkpoint_info.get('train')!r})")
+        _, args.checkpoint_info = read_retrofit(path)
     except ValueError as err:
         parser.error(f"--checkpoint: {err}")
     for option in CHECKPOINT_SETTINGS:

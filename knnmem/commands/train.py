@@ -25,7 +25,7 @@ from ..positions import POLICIES
 from ..search import BACKENDS
 from ..train.loop import STATE_FILE, TrainSettings
 from ..train.retrofit import default_layers, fine_tune, split_pieces
-from ..train.trainable import TRAINABLE, prepare
+from ..train.trainable import TRAINABLE, check_something_trains, prepare
 from .common import (HelpFormatter, check_layers, check_positive, check_writable, default_device, finite_float,
                      parse_layers, start_command)
 
@@ -90,10 +90,10 @@ def validate(parser: argparse.ArgumentParser, args) -> tuple[TrainSettings, list
     except (ValueError, OSError) as err:
         parser.error(str(err))
     check_positive(parser, args, "doc_tokens", "val_docs", "memory", "topk", "lora_rank")
-    if args.train == "memory" and args.mode == "joint" and args.logits == "raw":
-        parser.error("--train memory with --mode joint --logits raw has nothing to train (no gate is used and the "
-                     "memory scale only multiplies normalised logits): use --mode gate, --logits normalized, or "
-                     "--train attention / lora")
+    try:
+        check_something_trains(args.train, args.mode, args.logits)
+    except ValueError as err:
+        parser.error(f"--train: {err}")
     if args.doc_tokens <= args.segment + args.context:
         parser.error(f"--doc-tokens ({args.doc_tokens}) must exceed --segment + --context ({args.segment + args.context})")
     if args.max_docs is not None and args.max_docs < args.batch_size:

@@ -33,17 +33,31 @@ def is_memory_parameter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in MEMORY_PARAMETER_NAMES
 
 
+def check_something_trains(train: str, mode: str, logits: str) -> None:
+    """ValueError unless `train` reaches the output of a retrofit in `mode` with `logits`: with
+    joint + raw logits no gate is used and the memory scale multiplies only normalised logits."""
+    check_choice("train", train, TRAINABLE)
+    if train == "memory" and mode == "joint" and logits == "raw":
+        raise ValueError("train 'memory' has nothing to train with mode 'joint' and logits 'raw' (gates and memory "
+                         "scales: neither affects the output): use mode 'gate' or logits 'normalized', or train "
+                         "'attention' or 'lora'")
+
+
+def read_retrofit(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """`read_trained` for a fine-tuned retrofit (what `knnmem train` writes); ValueError otherwise."""
+    tensors, info = read_trained(path)
+    if info.get("train") not in TRAINABLE:
+        raise ValueError(f"{path}: not a fine-tuned retrofit (train {info.get('train')!r}, expected one of {TRAINABLE})")
+    return tensors, info
+
+
 def prepare(model: nn.Module, train: str = "memory", lora_rank: int = 8, lora_alpha: float = 16.0) -> dict[str, nn.Parameter]:
     """Freeze a patched model except what `train` names (adding LoRA adapters for "lora").
     Returns the trainable parameters by name."""
     handle: MemoryHandle | None = getattr(model, "knnmem", None)
     if handle is None:
         raise ValueError("prepare needs a model patched by knnmem.patch (or loaded by load_trained)")
-    check_choice("train", train, TRAINABLE)
-    if train == "memory" and handle.mode == "joint" and handle.logits == "raw":
-        raise ValueError("train='memory' trains gates and memory scales, and with mode='joint' and logits='raw' "
-                         "neither affects the output: use mode='gate' or logits='normalized', or train "
-                         "'attention' or 'lora'")
+    check_something_trains(train, handle.mode, handle.logits)
     targets = hf.projection_names(model, handle.layers)
     if train == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -127,9 +141,7 @@ def load_trained(model: nn.Module, directory: str | os.PathLike) -> MemoryHandle
         handle = knnmem.load_trained(model, "runs/train")
     """
     path = os.path.join(os.fspath(directory), TRAINED_FILE)
-    tensors, info = read_trained(path)
-    if info.get("train") not in TRAINABLE:
-        raise ValueError(f"{path}: not a fine-tuned retrofit (train {info.get('train')!r}, expected one of {TRAINABLE})")
+    tensors, info = read_retrofit(path)
     check_trained_fits(model, info, path)
     check_finite_tensors(path, tensors)
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
