@@ -187,11 +187,11 @@ class _PQLayer:
                 for h, index in enumerate(indexes)}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The layer's serialised indexes, each present as 1-D uint8 bytes (`_check_pq_tensors`
+        checked that before this layer was built)."""
         for kind, indexes in (("key_index", self.key_index), ("value_index", self.value_index)):
             for h, expected in enumerate(indexes):
-                data = tensors.get(f"{kind}.{h}")
-                if data is None or data.dtype != torch.uint8 or data.ndim != 1:
-                    raise ValueError(f"tensor '{kind}.{h}' must be a serialised FAISS index (uint8 bytes)")
+                data = tensors[f"{kind}.{h}"]
                 try:
                     index = faiss.deserialize_index(data.numpy())
                 except RuntimeError as err:
