@@ -49,8 +49,8 @@ class MemorizingConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "depth", "heads", "mlp_ratio", "max_memories", "topk"):
             check_positive_int(name, getattr(self, name))
-        if self.rope_base is not None and check_number("rope_base", self.rope_base) <= 0:
-            raise ValueError(f"rope_base must be a positive number or None, got {self.rope_base!r}")
+        if self.rope_base is not None and check_number("rope_base", self.rope_base) <= 1:
+            raise ValueError(f"rope_base must be a number > 1 or None (as CausalAttention's), got {self.rope_base!r}")
         if self.memory_layers is not None and not isinstance(self.memory_layers, (list, tuple)):
             raise ValueError(f"memory_layers must be a list of layer indices or None, got {self.memory_layers!r}")
         bad = [i for i in (self.memory_layers or []) if isinstance(i, bool) or not isinstance(i, int)
