@@ -15,7 +15,9 @@ one index per head, fed and searched the same way (`pip install -e ".[bench]"` a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 
 import numpy as np
 import torch
@@ -71,10 +73,41 @@ def peer_available() -> bool:
     return True
 
 
-def sweep(args) -> list[dict]:
+def parse_spec(spec: str) -> tuple[str, str, torch.dtype | None]:
+    """A candidate of --backends: BACKEND[@DEVICE][/DTYPE], e.g. exact, ivf, exact@cuda/float16."""
+    rest, _, dtype = spec.partition("/")
+    backend, _, device = rest.partition("@")
+    if dtype and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise SystemExit(f"--backends: {spec!r}: {dtype!r} is not a torch dtype")
+    return backend, device or "cpu", getattr(torch, dtype) if dtype else None
+
+
+def search_seconds(memory, queries: torch.Tensor, k: int, repeat: int, device: str, result: dict) -> float:
+    """Seconds per search: best of `repeat` on a CPU, triton.testing.do_bench on a GPU."""
+    call = lambda: result.update(out=memory.search(queries, k))  # noqa: E731
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return do_bench(call) * 1e-3
+    return timed(call, repeat=repeat)
+
+
+def add_seconds(memory, keys: torch.Tensor, device: str) -> float:
+    start = time.perf_counter()
+    fill(memory, keys)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def sweep(args, deadline: float = math.inf) -> list[dict]:
+    """Every (size, candidate) of args, sizes in order, until `deadline` (time.monotonic())."""
     rows = []
     backends = list(args.backends) + (["peer"] if args.peer and peer_available() else [])
     for size in args.sizes:
+        if time.monotonic() > deadline:
+            print(f"{size:>9} skipped: past the time budget", flush=True)
+            continue
         g = torch.Generator().manual_seed(size)
         data = clustered_keys(args.heads * (size + args.queries), args.dim, generator=g)
         data = data.reshape(1, args.heads, size + args.queries, args.dim)
@@ -82,27 +115,29 @@ def sweep(args) -> list[dict]:
         truth = None
         # The peer stores and searches vectors as given (its layer normalises them): unit vectors for all.
         keys, queries = torch.nn.functional.normalize(keys, dim=-1), torch.nn.functional.normalize(queries, dim=-1)
-        for backend in backends:
+        for spec in backends:
+            backend, device, dtype = parse_spec(spec) if spec != "peer" else ("peer", "cpu", None)
             if backend == "peer":
                 memory = PeerStore(args.heads, args.dim, size)
             else:
-                memory = KNNMemory(1, args.heads, args.dim, size, backend=backend)
-            add_s = timed(lambda: fill(memory, keys))
+                memory = KNNMemory(1, args.heads, args.dim, size, backend=backend, device=device, dtype=dtype)
+            add_s = add_seconds(memory, keys.to(device), device)
             result = {}
-            search_s = timed(lambda: result.update(out=memory.search(queries, args.k)), repeat=args.repeat)
-            _, found = result["out"]
-            if backend == "exact":
-                truth = found
+            search_s = search_seconds(memory, queries.to(device), args.k, args.repeat, device, result)
+            found = result["out"][1].cpu()
+            if truth is None and backend == "exact" and dtype in (None, torch.float32):
+                truth = found  # the reference: exact search over float32 keys
             row = {
-                "memories_per_head": size, "backend": memory.backend,
+                "memories_per_head": size, "backend": memory.backend, "spec": spec, "device": device,
                 "add_keys_per_s": args.heads * size / add_s, "add_s": add_s,
                 "search_queries_per_s": args.heads * args.queries / search_s, "search_s": search_s,
                 f"recall@{args.k}": recall(found, truth) if truth is not None else None,
             }
             rows.append(row)
-            print(f"{size:>9} {row['backend']:<28} add {row['add_keys_per_s']:>12,.0f} keys/s"
+            print(f"{size:>9} {spec:<22} {row['backend']:<28} add {row['add_keys_per_s']:>12,.0f} keys/s"
                   f"  search {row['search_queries_per_s']:>10,.0f} q/s  recall {row[f'recall@{args.k}']}",
                   flush=True)
+            del memory
         peer = next((r for r in rows if r["memories_per_head"] == size and r["backend"].startswith("peer")), None)
         if peer is not None:
             for r in rows:
@@ -147,7 +182,8 @@ def model_case(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384, 65536, 262144])
-    parser.add_argument("--backends", nargs="+", default=["exact", "flat", "ivf", "hnsw"])
+    parser.add_argument("--backends", nargs="+", default=["exact", "flat", "ivf", "hnsw"],
+                        help="candidates, BACKEND[@DEVICE][/DTYPE] (e.g. exact@cuda exact@cuda/float16)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="leave the peer out")
     parser.add_argument("--dim", type=int, default=64)
@@ -158,8 +194,9 @@ def main() -> None:
                         help="backends for the model-sized case (none to skip it)")
     parser.add_argument("--out", default="benchmarks/results/memory_cpu.json")
     args = parser.parse_args()
-    if "exact" in args.backends:  # the reference for recall comes first
-        args.backends = ["exact"] + [b for b in args.backends if b != "exact"]
+    exact = [b for b in args.backends if parse_spec(b)[0] == "exact" and parse_spec(b)[2] in (None, torch.float32)]
+    if exact:  # the reference for recall comes first
+        args.backends = exact[:1] + [b for b in args.backends if b != exact[0]]
     payload = {"machine": machine_info(), "parameters": vars(args), "sweep": sweep(args)}
     if args.model_backends:
         payload["model_case"] = model_case(args)

@@ -1,26 +1,31 @@
 """The paper's table, from scratch: train each configuration with the same budget, in one run,
-and report held-out perplexity per byte.
+and report held-out perplexity (and, on the control corpus, the loss on copied tokens by distance).
 
-    python benchmarks/paper_table.py                              # CPU scale (minutes per config)
-    python benchmarks/paper_table.py --dim 512 --depth 12 --heads 8 --segment 512 --batch-size 16 \
-        --steps 20000 --memory-sizes 1536 8192 65536 --device cuda  # the paper's scale, on a GPU
+    python benchmarks/paper_table.py                          # real bytes, CPU scale (--preset cpu)
+    python benchmarks/paper_table.py --preset control --seeds 0 1 2   # the known-answer control
+    python benchmarks/paper_table.py --preset curve           # validation perplexity against tokens
+    python benchmarks/paper_table.py --preset gpu             # the GPU suite's rows (one H100/H200)
 
 Configurations (Wu et al. 2022, Table 4's rows at a size that fits the budget):
 - vanilla: local attention over each segment alone.
 - xl: plus a Transformer-XL cache of the previous segment.
-- wide: a vanilla model whose window is `--wide` segments (the segment plus a sliding context).
-- memory-<N>+xl: XL cache plus one kNN memory layer at 75% depth holding N tokens.
+- wide-Nx: a vanilla model whose window is N segments (the segment plus a recomputed context).
+- memory-<M>+xl: XL cache plus one kNN memory layer at 75% depth holding M tokens.
 
-Every model is a `knnmem.MemorizingTransformer` over bytes (vocab 256), trained by
-`knnmem.train.train` on long documents (pieces of `--doc-tokens` bytes of the standard
-library's largest .py files, train split) read segment by segment with memory cleared per
-document, and validated on the held-out split. Prints a table and writes JSON + PNG.
+Corpora: `bytes` (the standard library's largest .py files as UTF-8 bytes, pieces of
+`--doc-tokens`, train/validation split by file) or `recurring` (`knnmem.synthetic.recurring_spans`:
+random tokens among which spans recur verbatim at `--distances`, generated from the seed; a
+copied token can only be predicted by looking back exactly its distance, so the loss on copies at
+distance d says whether a model reaches d). Every model is a `knnmem.MemorizingTransformer`
+trained by `knnmem.train.train` on documents read segment by segment with memory cleared per
+document. Prints a table and writes JSON (+ PNG) after every configuration.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -32,12 +37,30 @@ from common import machine_info, write_json  # noqa: E402
 from knnmem import MemorizingConfig, MemorizingTransformer  # noqa: E402
 from knnmem import corpus  # noqa: E402
 from knnmem.corpus import document_pieces  # noqa: E402
-from knnmem.train import TrainSettings, perplexity, train  # noqa: E402
+from knnmem.synthetic import recurring_spans  # noqa: E402
+from knnmem.train import TrainSettings, token_losses, train  # noqa: E402
 
 # The paper's numbers for these rows (perplexity, 12-layer models, Table 4 / Figure 1), quoted
 # for comparison: vanilla -> XL -> memory 65K + XL.
 PAPER = {"arxiv": {"vanilla": 3.29, "xl": 2.67, "memory-65536+xl": 2.31},
          "pg19": {"vanilla": 13.71, "xl": 12.34, "memory-65536+xl": 11.62}}
+
+PRESETS = {
+    "cpu": {},  # the defaults below: real bytes, 0.8M parameters, minutes per configuration on 2 cores
+    # the known answer: every model can learn to copy within its segment; only its reach differs
+    "control": dict(corpus="recurring", vocab=512, memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl",
+                    "memory-4096+xl"], batch_size=16, steps=600, max_docs=160, val_docs=8, warmup=30),
+    # the budget curve on real bytes: validation along the way, 4x the default budget
+    "curve": dict(steps=1600, validate_every=200, configs=["vanilla", "xl", "wide-2x", "memory-1536+xl"], wide=2,
+                  max_docs=1000),
+    # one H100/H200, a few minutes in all (the GPU suite): wider, deeper, longer segments and documents
+    "gpu": dict(dim=384, depth=8, heads=6, segment=512, batch_size=16, steps=300, doc_tokens=16384,
+                memory_sizes=[2048, 8192], configs=["vanilla", "xl", "memory-2048+xl", "memory-8192+xl"],
+                max_docs=400, val_docs=16, warmup=30, lr=1e-3),
+    # the GPU suite's rehearsal on a CPU: every code path, tiny
+    "rehearse": dict(dim=32, depth=2, heads=2, segment=32, batch_size=2, steps=4, doc_tokens=256, memory_sizes=[128],
+                     configs=["vanilla", "xl", "memory-128+xl"], max_docs=8, val_docs=2, warmup=1),
+}
 
 
 def utf8_bytes(text: str) -> list[int]:
@@ -47,7 +70,7 @@ def utf8_bytes(text: str) -> list[int]:
 
 def configurations(args) -> dict[str, tuple[MemorizingConfig, int]]:
     """name -> (model config, local context of the reader)."""
-    base = dict(vocab_size=256, dim=args.dim, depth=args.depth, heads=args.heads, topk=args.topk)
+    base = dict(vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads, topk=args.topk)
     configs = {
         "vanilla": (MemorizingConfig(**base, memory_layers=[]), 0),
         "xl": (MemorizingConfig(**base, memory_layers=[], xl_cache=True), 0),
@@ -58,35 +81,135 @@ def configurations(args) -> dict[str, tuple[MemorizingConfig, int]]:
     return configs
 
 
+def documents(args, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+    """(training documents, validation documents, validation copy distances (n, doc_tokens) or None)."""
+    if args.corpus == "bytes":
+        train_paths, validation_paths = corpus.split(corpus.training_corpus())
+        return (document_pieces(train_paths, utf8_bytes, args.doc_tokens, args.max_docs),
+                document_pieces(validation_paths, utf8_bytes, args.doc_tokens, args.val_docs), None)
+    g = torch.Generator().manual_seed(seed)
+    make = lambda: recurring_spans(args.doc_tokens, args.vocab, args.distances, args.span, args.copied, g)  # noqa: E731
+    train_docs = [make()[0] for _ in range(args.max_docs)]
+    validation = [make() for _ in range(args.val_docs)]
+    return train_docs, [t for t, _ in validation], torch.stack([d for _, d in validation])
+
+
+def scores(losses: torch.Tensor, distances: torch.Tensor | None, distance_list: list[int]) -> dict:
+    """Held-out perplexity; on the control corpus also the mean loss (nats) of copied tokens at
+    each distance and of the unpredictable rest. losses: (n, N - 1) from token_losses."""
+    result = {"validation_ppl": math.exp(losses.double().mean().item())}
+    if distances is not None:
+        scored = distances[:, 1:]  # losses[:, j - 1] scores token j
+        result["copy_loss_by_distance"] = {str(d): losses[scored == d].mean().item() for d in distance_list}
+        result["rest_loss"] = losses[scored == 0].mean().item()
+    return result
+
+
+def train_one(args, name: str, config: MemorizingConfig, context: int, seed: int, data) -> dict:
+    train_docs, val_docs, val_distances = data
+    torch.manual_seed(seed)
+    model = MemorizingTransformer(config).to(args.device)
+    settings = TrainSettings(steps=args.steps, lr=args.lr, lr_memory=None, warmup=args.warmup,
+                             batch_size=args.batch_size, segment=args.segment, context=context,
+                             validate_every=args.validate_every, save_every=0, seed=seed)
+    start = time.perf_counter()
+    log = train(model, train_docs, settings, validation_documents=val_docs if args.validate_every else None)
+    seconds = time.perf_counter() - start
+    losses = token_losses(model, val_docs, args.segment, context, args.batch_size)
+    tokens_per_step = args.batch_size * args.segment
+    return {
+        **scores(losses, val_distances, args.distances), "seed": seed,
+        "train_tokens": log["tokens"], "train_seconds": seconds, "train_tokens_per_s": log["tokens"] / seconds,
+        "final_train_loss": sum(log["history"][-20:]) / len(log["history"][-20:]), "loss_history": log["history"],
+        "validation_curve": [{"train_tokens": v["step"] * tokens_per_step, "ppl": v["ppl"]} for v in log["validation"]],
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and (with several seeds) sample standard deviation of the numbers of each seed's run."""
+    out = {}
+    keys = ["validation_ppl", "train_seconds", "train_tokens_per_s", "final_train_loss", "rest_loss"]
+    for key in keys:
+        if key in runs[0]:
+            values = [r[key] for r in runs]
+            out[key] = statistics.fmean(values)
+            out[key + "_std"] = statistics.stdev(values) if len(values) > 1 else None
+    if "copy_loss_by_distance" in runs[0]:
+        out["copy_loss_by_distance"] = {d: statistics.fmean(r["copy_loss_by_distance"][d] for r in runs)
+                                        for d in runs[0]["copy_loss_by_distance"]}
+        out["copy_loss_by_distance_std"] = {d: statistics.stdev(r["copy_loss_by_distance"][d] for r in runs)
+                                            if len(runs) > 1 else None for d in runs[0]["copy_loss_by_distance"]}
+    return out
+
+
+def print_table(result: dict) -> None:
+    configs = result["configs"]
+    first = next(iter(configs.values()))["summary"]
+    distances = list(first.get("copy_loss_by_distance", {}))
+    header = f"{'config':>18} {'ppl':>9} " + "".join(f"{'copy@' + d:>11}" for d in distances) + \
+        (f"{'rest':>8}" if distances else "") + f" {'train s':>8}"
+    print("\n" + header)
+    for name, c in configs.items():
+        s = c["summary"]
+        pm = lambda m, sd: f"{m:.3f}" + (f"±{sd:.2f}" if sd else "")  # noqa: E731
+        row = f"{name:>18} {pm(s['validation_ppl'], s['validation_ppl_std']):>9} "
+        row += "".join(f"{pm(s['copy_loss_by_distance'][d], s['copy_loss_by_distance_std'][d]):>11}" for d in distances)
+        row += f"{s['rest_loss']:8.3f}" if distances else ""
+        print(row + f" {s['train_seconds']:8.0f}")
+
+
 def save_plot(result: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    configs = result["configs"]
+    curves = any(run["validation_curve"] for c in configs.values() for run in c["seeds"])
+    copies = "copy_loss_by_distance" in next(iter(configs.values()))["summary"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(result["configs"])
-    left.bar(names, [result["configs"][n]["validation_ppl"] for n in names], color="tab:blue")
-    left.set_ylabel("held-out perplexity per byte")
-    left.set_ylim(min(c["validation_ppl"] for c in result["configs"].values()) * 0.95)
-    left.tick_params(axis="x", rotation=20)
-    for name in names:
-        history = result["configs"][name]["loss_history"]
-        k = max(1, len(history) // 50)
-        smooth = [sum(history[i:i + k]) / len(history[i:i + k]) for i in range(0, len(history), k)]
-        right.plot([i * k for i in range(len(smooth))], smooth, label=name)
-    right.set_xlabel("step")
-    right.set_ylabel("training loss (nats per byte)")
+    if copies:  # the control: loss on copied tokens against how far back their copy is
+        for name, c in configs.items():
+            d = c["summary"]["copy_loss_by_distance"]
+            left.plot([int(k) for k in d], list(d.values()), marker="o", label=name)
+        left.axhline(math.log(result["settings"]["vocab"]), color="gray", ls=":", label="chance")
+        left.set(xscale="log", xlabel="distance back to the copy (tokens)", ylabel="held-out loss on copied tokens (nats)")
+        left.legend()
+    else:
+        names = list(configs)
+        left.bar(names, [configs[n]["summary"]["validation_ppl"] for n in names], color="tab:blue")
+        left.set_ylabel("held-out perplexity")
+        left.set_ylim(min(c["summary"]["validation_ppl"] for c in configs.values()) * 0.95)
+        left.tick_params(axis="x", rotation=20)
+    for name, c in configs.items():
+        run = c["seeds"][0]
+        if curves:
+            right.plot([v["train_tokens"] for v in run["validation_curve"]], [v["ppl"] for v in run["validation_curve"]],
+                       marker="o", label=name)
+        else:
+            history = run["loss_history"]
+            k = max(1, len(history) // 50)
+            smooth = [sum(history[i:i + k]) / len(history[i:i + k]) for i in range(0, len(history), k)]
+            right.plot([i * k for i in range(len(smooth))], smooth, label=name)
+    right.set(xlabel="training tokens" if curves else "step",
+              ylabel="held-out perplexity" if curves else "training loss (nats per token)")
     right.legend()
-    fig.suptitle(f"From scratch, same budget: {result['settings']['steps']} steps x "
-                 f"{result['settings']['batch_size']} x {result['settings']['segment']} bytes")
+    s = result["settings"]
+    fig.suptitle(f"From scratch, {s['corpus']}, same budget: {s['steps']} steps x {s['batch_size']} x {s['segment']} tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="defaults for the flags below")
+    p.add_argument("--corpus", choices=["bytes", "recurring"], default="bytes")
+    p.add_argument("--vocab", type=int, default=256, help="vocabulary (bytes: 256)")
+    p.add_argument("--distances", type=int, nargs="+", default=[32, 160, 768, 3072],
+                   help="recurring corpus: how far back spans recur (cycled)")
+    p.add_argument("--span", type=int, default=32, help="recurring corpus: tokens per recurring span")
+    p.add_argument("--copied", type=float, default=0.5, help="recurring corpus: fraction of tokens that are copies")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -95,55 +218,57 @@ def main() -> None:
     p.add_argument("--wide", type=int, default=4, help="window of the wide vanilla model, in segments")
     p.add_argument("--memory-sizes", type=int, nargs="*", default=[1536, 8192])
     p.add_argument("--configs", nargs="*", default=None, help="names to run (default: all)")
-    p.add_argument("--doc-tokens", type=int, default=8192, help="bytes per training/validation document")
+    p.add_argument("--doc-tokens", type=int, default=8192, help="tokens per training/validation document")
     p.add_argument("--max-docs", type=int, default=400)
     p.add_argument("--val-docs", type=int, default=8)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--validate-every", type=int, default=0, help="steps between validations (the curve; 0: at the end)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="model init, data order and synthetic data")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results/paper_table_cpu.json")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/paper_table_<preset>.json)")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+    return p
+
+
+def main() -> None:
+    p = parser()
+    preset = p.parse_known_args()[0].preset
+    p.set_defaults(**PRESETS[preset])
     args = p.parse_args()
-    train_paths, validation_paths = corpus.split(corpus.training_corpus())
-    train_docs = document_pieces(train_paths, utf8_bytes, args.doc_tokens, args.max_docs)
-    val_docs = document_pieces(validation_paths, utf8_bytes, args.doc_tokens, args.val_docs)
+    if args.corpus == "bytes" and args.vocab != 256:
+        p.error(f"--vocab: the bytes corpus has 256 symbols, got {args.vocab}")
     configs = configurations(args)
     unknown = set(args.configs or []) - set(configs)
     if unknown:
         p.error(f"--configs: unknown {sorted(unknown)}; choose from {list(configs)}")
-    settings = TrainSettings(steps=args.steps, lr=args.lr, lr_memory=None, warmup=args.warmup,
-                             batch_size=args.batch_size, segment=args.segment, validate_every=0, save_every=0,
-                             seed=args.seed)
-    print(f"{len(train_docs)} training / {len(val_docs)} validation documents of {args.doc_tokens} bytes; "
-          f"{args.steps} steps of {args.batch_size} x {args.segment} bytes each")
-    result = {"machine": machine_info(), "settings": vars(args), "paper": PAPER,
-              "documents": {"train": len(train_docs), "validation": len(val_docs)}, "configs": {}}
-    for name, (config, context) in configs.items():
-        if args.configs and name not in args.configs:
-            continue
-        torch.manual_seed(args.seed)
-        model = MemorizingTransformer(config).to(args.device)
-        start = time.perf_counter()
-        log = train(model, train_docs, TrainSettings(**{**vars(settings), "context": context}))
-        seconds = time.perf_counter() - start
-        ppl = perplexity(model, val_docs, args.segment, context, args.batch_size)
-        result["configs"][name] = {
-            "validation_ppl": ppl, "bits_per_byte": math.log2(ppl), "context": context,
-            "memory_layers": config.resolved_memory_layers(),
-            "max_memories": config.max_memories if config.resolved_memory_layers() else 0, "xl_cache": config.xl_cache,
-            "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": log["tokens"],
-            "train_seconds": seconds, "train_tokens_per_s": log["tokens"] / seconds,
-            "final_train_loss": sum(log["history"][-20:]) / len(log["history"][-20:]),
-            "loss_history": log["history"],
-        }
-        print(f"{name:>18}: validation ppl {ppl:.4f} ({math.log2(ppl):.4f} bits/byte), {seconds:.0f} s")
-        write_json(args.out, result)  # after every configuration: a long run keeps what it finished
-    print(f"\n{'config':>18} {'ppl/byte':>9} {'bits/byte':>9} {'train s':>8}")
-    for name, c in result["configs"].items():
-        print(f"{name:>18} {c['validation_ppl']:9.4f} {c['bits_per_byte']:9.4f} {c['train_seconds']:8.0f}")
-    save_plot(result, os.path.splitext(args.out)[0] + ".png")
+    out = args.out or f"benchmarks/results/paper_table_{preset}.json"
+    result = {"machine": machine_info(), "settings": vars(args), "paper": PAPER, "configs": {}}
+    for seed in args.seeds:
+        data = documents(args, seed)
+        result["documents"] = {"train": len(data[0]), "validation": len(data[1]), "tokens_each": args.doc_tokens}
+        print(f"seed {seed}: {len(data[0])} training / {len(data[1])} validation documents of {args.doc_tokens} "
+              f"tokens; {args.steps} steps of {args.batch_size} x {args.segment} tokens each", flush=True)
+        for name, (config, context) in configs.items():
+            if args.configs and name not in args.configs:
+                continue
+            run = train_one(args, name, config, context, seed, data)
+            entry = result["configs"].setdefault(name, {
+                "context": context, "memory_layers": config.resolved_memory_layers(),
+                "max_memories": config.max_memories if config.resolved_memory_layers() else 0,
+                "xl_cache": config.xl_cache, "parameters": sum(p.numel() for p in MemorizingTransformer(config).parameters()),
+                "seeds": []})
+            entry["seeds"].append(run)
+            entry["summary"] = summarise(entry["seeds"])
+            copies = " ".join(f"copy@{d} {v:.3f}" for d, v in run.get("copy_loss_by_distance", {}).items())
+            print(f"{name:>18} seed {seed}: validation ppl {run['validation_ppl']:.4f} {copies} "
+                  f"({run['train_seconds']:.0f} s)", flush=True)
+            write_json(out, result)  # after every configuration: a long run keeps what it finished
+    print_table(result)
+    if args.plot:
+        save_plot(result, os.path.splitext(out)[0] + ".png")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from ._checks import check_choice, check_positive_int
 from .files import check_metadata_fields, read_tensors_and_json, save_tensors_and_json
 from .functional import attend_rows, local_allowed, masked_softmax
 from .rows import gather_rows
-from .search import as_numpy, exact_search
+from .search import as_numpy, exact_search, faiss_module
 
 FORMS = ("fp16", "sparse", "pq")
 _FORMAT_VERSION = 1
@@ -126,6 +125,8 @@ class _PQLayer:
     """Keys and values of one layer as FAISS product-quantisation codes, one index pair per head."""
 
     def __init__(self, heads: int, head_dim: int, m: int, bits: int) -> None:
+        faiss = faiss_module()
+
         def index() -> faiss.IndexPQ:
             pq = faiss.IndexPQ(head_dim, m, bits, faiss.METRIC_INNER_PRODUCT)
             pq.pq.cp.min_points_per_centroid = 1  # we check the count ourselves; no warning
@@ -182,6 +183,7 @@ class _PQLayer:
         return sum(i.pq.centroids.size() * 4 for i in self.key_index + self.value_index)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        faiss = faiss_module()
         return {f"{kind}.{h}": torch.from_numpy(faiss.serialize_index(index))
                 for kind, indexes in (("key_index", self.key_index), ("value_index", self.value_index))
                 for h, index in enumerate(indexes)}
@@ -189,6 +191,7 @@ class _PQLayer:
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         """The layer's serialised indexes, each present as 1-D uint8 bytes (`_check_pq_tensors`
         checked that before this layer was built)."""
+        faiss = faiss_module()
         for kind, indexes in (("key_index", self.key_index), ("value_index", self.value_index)):
             for h, expected in enumerate(indexes):
                 data = tensors[f"{kind}.{h}"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
-import faiss
 import numpy as np
 import torch
 
@@ -41,6 +40,16 @@ BACKENDS = ("exact", "flat", "ivf", "hnsw")
 _EXACT_BLOCK_ELEMENTS = 1 << 25
 _CPU_QUERY_BLOCK, _CPU_KEY_CHUNK = 64, 16384
 
+
+
+def faiss_module():
+    """FAISS, imported on first use: exact search (and a GPU machine without FAISS) needs none."""
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError("this search backend needs FAISS: pip install faiss-cpu (faiss-gpu-cu12 on a GPU); "
+                          "backend='exact' needs none") from err
+    return faiss
 
 def _pad_topk(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad (..., k') results to (..., k) with -inf / -1, and mark -inf scores as index -1."""
@@ -141,6 +150,7 @@ class FlatBackend(SearchBackend):
     name = "flat"
 
     def search(self, queries, k):
+        faiss = faiss_module()
         mem = self.memory
         B, H, N, _ = queries.shape
         scores = torch.full((B, H, N, k), -math.inf, device=queries.device)
@@ -176,16 +186,18 @@ class _PerRowHeadIndexes(SearchBackend):
         return index.search(q, k)
 
     def state_tensors(self):
+        faiss = faiss_module()
         # Approximate indexes are saved as built: rebuilding them would give other results.
         return {
             f"index.{b}.{h}": torch.from_numpy(faiss.serialize_index(index))
             for b, row in enumerate(self.indexes) for h, index in enumerate(row) if index is not None
         }
 
-    index_type: type = faiss.Index
+    index_type = "Index"  # the FAISS class a saved index must be
 
     def load_state(self, tensors):
         """Restore saved indexes, each verified against the buffer (a file is untrusted data)."""
+        faiss = faiss_module()
         mem = self.memory
         for name, data in tensors.items():
             if not name.startswith("index."):
@@ -202,9 +214,9 @@ class _PerRowHeadIndexes(SearchBackend):
             except RuntimeError as err:
                 raise ValueError(f"tensor {name!r} is not a readable FAISS index ({str(err).splitlines()[0]})") from None
             count = int(mem.counts[b])
-            if (not isinstance(index, self.index_type) or index.d != mem.head_dim
+            if (not isinstance(index, getattr(faiss, self.index_type)) or index.d != mem.head_dim
                     or index.metric_type != faiss.METRIC_INNER_PRODUCT):
-                raise ValueError(f"tensor {name!r} must be an inner-product {self.index_type.__name__} "
+                raise ValueError(f"tensor {name!r} must be an inner-product {self.index_type} "
                                  f"of dimension {mem.head_dim}")
             ids = self._ids(index)
             if len(ids) != count or (count and (ids.min() < 0 or ids.max() >= count or len(np.unique(ids)) != count)):
@@ -244,7 +256,7 @@ class IVFBackend(_PerRowHeadIndexes):
 
     name = "ivf"
 
-    index_type = faiss.IndexIVFFlat
+    index_type = "IndexIVFFlat"
 
     def __init__(self, memory, nlist: int | None = None, nprobe: int = 8, min_train: int = 2048) -> None:
         super().__init__(memory)
@@ -255,6 +267,7 @@ class IVFBackend(_PerRowHeadIndexes):
         self.trained_at = [0] * memory.batch_size  # the row's count when its index was trained
 
     def _build(self, row: int, h: int) -> faiss.Index:
+        faiss = faiss_module()
         mem = self.memory
         count = int(mem.counts[row])
         data = as_numpy(mem.keys[row, h, :count])
@@ -289,6 +302,7 @@ class IVFBackend(_PerRowHeadIndexes):
 
     @staticmethod
     def _ids(index):
+        faiss = faiss_module()
         lists = index.invlists
         return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
                                for i in range(index.nlist)] or [np.zeros(0, np.int64)])
@@ -308,7 +322,7 @@ class HNSWBackend(_PerRowHeadIndexes):
 
     name = "hnsw"
 
-    index_type = faiss.IndexHNSWFlat
+    index_type = "IndexHNSWFlat"
 
     def __init__(self, memory, m: int = 16, ef_search: int = 32) -> None:
         super().__init__(memory)
@@ -316,6 +330,7 @@ class HNSWBackend(_PerRowHeadIndexes):
         self.ef_search = _option("ef_search", ef_search, 1, 65536)
 
     def _new_index(self) -> faiss.Index:
+        faiss = faiss_module()
         index = faiss.IndexHNSWFlat(self.memory.head_dim, self.m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = self.ef_search
         return index
@@ -348,6 +363,8 @@ def make_backend(name: str, memory, **options) -> SearchBackend:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"backend_options {unknown} are not options of the {name!r} backend (it takes {list(allowed)})")
+    if name != "exact":
+        faiss_module()  # a missing FAISS fails when the memory is made, not at its first search
     return classes[name](memory, **options)
 
 

@@ -459,3 +459,20 @@ def test_auto_searches_exactly_until_the_store_holds_the_crossover():
     _, indices = memory.search(queries, 32)
     _, expected = exact_search(memory.keys, memory.counts, torch.nn.functional.normalize(queries, dim=-1), 32)
     assert torch.equal(indices, expected)  # recall 1.0 at 4,096 stored keys
+
+
+def test_exact_search_needs_no_faiss_and_faiss_backends_say_what_is_missing():
+    """The GPU machine has no FAISS: knnmem imports and searches exactly without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['faiss'] = None\n"
+            "import torch, knnmem\n"
+            "from knnmem import KNNMemory\n"
+            "m = KNNMemory(1, 2, 8, 64, backend='exact'); m.add(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))\n"
+            "assert m.search(torch.randn(1, 2, 3, 8), 4)[1].shape == (1, 2, 3, 4)\n"
+            "try:\n    KNNMemory(1, 2, 8, 64, backend='flat')\n"
+            "except ImportError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "needs FAISS: pip install faiss-cpu" in done.stdout

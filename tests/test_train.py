@@ -5,7 +5,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import knnmem
 from knnmem import MemorizingConfig, MemorizingTransformer
 from knnmem.layer import CausalAttention
-from knnmem.train import TrainSettings, load_trained, perplexity, pieces, prepare, train
+from knnmem.synthetic import recurring_spans
+from knnmem.train import TrainSettings, load_trained, perplexity, pieces, prepare, token_losses, train
 from knnmem.commands.train import main as train_main
 from knnmem.train.retrofit import default_layers
 
@@ -243,3 +244,61 @@ def test_torchrun_two_processes_train_like_one_with_both_documents(tiny_model_di
     one, two = (json.loads((tmp_path / d / "train_log.json").read_text()) for d in ("one", "two"))
     assert two["tokens"] == one["tokens"]
     assert two["history"] == pytest.approx(one["history"], rel=1e-5)  # fp32 sums in another order
+
+
+def test_training_on_the_control_fills_memory_and_clears_it_per_document():
+    """A few steps on the known-answer corpus (benchmarks/paper_table.py --preset control, tiny)."""
+    torch.manual_seed(0)
+    config = MemorizingConfig(vocab_size=64, dim=32, depth=4, heads=4, max_memories=128, topk=8, xl_cache=True)
+    model = MemorizingTransformer(config)
+    assert config.resolved_memory_layers() == [3]
+    memory_layer = model.blocks[3].attn
+    counts = []
+    memory_layer.register_forward_pre_hook(lambda m, args: counts.append(
+        m.memory.counts.tolist() if m.memory is not None else [0, 0]))
+    g = torch.Generator().manual_seed(0)
+    docs = [recurring_spans(128, 64, [8, 40], span=8, copied=0.25, generator=g)[0] for _ in range(4)]
+    log = train(model, docs, TrainSettings(steps=16, lr=3e-3, lr_memory=None, warmup=2, segment=16, batch_size=2),
+                progress=False)
+    # nothing but copies is predictable: the loss stays at chance (ln 64 = 4.16) and never diverges
+    assert all(abs(loss - 4.16) < 0.2 for loss in log["history"]), log["history"]
+    # xl cache: segment s enters memory when segment s+2 is read; a new batch of documents starts empty
+    assert counts[:8] == [[0, 0], [0, 0], [16, 16], [32, 32], [48, 48], [64, 64], [80, 80], [96, 96]]
+    assert counts[8] == [0, 0]
+    assert memory_layer.memory.counts.tolist() == [0, 0] and memory_layer.cache.entry is None
+
+
+def test_recurring_spans_copy_exactly_from_one_source_at_the_given_distances():
+    g = torch.Generator().manual_seed(1)
+    tokens, distance = recurring_spans(4096, 512, [32, 160, 768], span=16, copied=0.3, generator=g)
+    where = distance.nonzero()[:, 0]
+    assert torch.equal(tokens[where], tokens[where - distance[where]])  # each predictable token is its copy
+    assert set(distance[where].tolist()) == {32, 160, 768}
+    assert distance[where - distance[where]].eq(0).all()  # a source is never itself a copy
+    assert abs((distance > 0).float().mean() - 0.3 * 15 / 16) < 0.01  # span - 1 of every span tokens are predictable
+    for bad in (dict(distances=[8]), dict(distances=[5000]), dict(copied=0.5), dict(copied=0.49)):
+        with pytest.raises(ValueError):
+            recurring_spans(4096, 512, **{**dict(distances=[32], span=16, copied=0.3), **bad})
+
+
+def test_an_xl_model_reads_the_second_segment_as_a_plain_model_reads_both():
+    """At init and with autograd on: the XL cache holds exactly the keys/values a plain model
+    computes for the first segment, at every layer (positions included)."""
+    torch.manual_seed(0)
+    base = dict(vocab_size=256, dim=64, depth=3, heads=4, memory_layers=[])
+    plain = MemorizingTransformer(MemorizingConfig(**base))
+    xl = MemorizingTransformer(MemorizingConfig(**base, xl_cache=True))
+    xl.load_state_dict(plain.state_dict())
+    ids = torch.randint(256, (2, 64))
+    xl(ids[:, :32])
+    torch.testing.assert_close(xl(ids[:, 32:]).logits, plain(ids).logits[:, 32:], atol=1e-5, rtol=1e-5)
+
+
+def test_token_losses_are_what_perplexity_averages():
+    torch.manual_seed(0)
+    model = MemorizingTransformer(MemorizingConfig(vocab_size=64, dim=32, depth=2, heads=2, max_memories=64,
+                                                   xl_cache=True))
+    docs = _repeating_documents(3, 48)
+    losses = token_losses(model, docs, 16, batch_size=2)
+    assert losses.shape == (3, 47) and bool(torch.isfinite(losses).all())
+    assert abs(perplexity(model, docs, 16, batch_size=2) - losses.double().mean().exp().item()) < 1e-4

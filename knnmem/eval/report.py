@@ -8,15 +8,22 @@ import time
 from .scoring import uses_memory
 
 
+def _faiss_version() -> str | None:
+    try:
+        import faiss
+    except ImportError:  # a GPU machine without FAISS: exact search only
+        return None
+    return faiss.__version__
+
+
 def environment() -> dict:
-    import faiss
     import torch
     import transformers
 
     return {
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "faiss": faiss.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "faiss": _faiss_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

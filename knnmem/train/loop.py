@@ -123,31 +123,42 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _window_loss(model, batch: torch.Tensor, w) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy of the tokens window `w` scores, and how many there are."""
+def _window_loss(model, batch: torch.Tensor, w, reduction: str = "mean") -> tuple[torch.Tensor, int]:
+    """Cross-entropy of the tokens window `w` scores (their mean, or (B, n) with reduction
+    "none"), and how many there are."""
     targets = batch[:, w.a + 1:w.b + 1].to(model.device)
     logits = forward_window(model, batch, w)[:, :targets.shape[1]]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)), targets.numel()
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+    return (loss.view(targets.shape) if reduction == "none" else loss), targets.numel()
 
 
 @torch.no_grad()
+def token_losses(model, documents: list[torch.Tensor], segment: int, context: int = 0,
+                 batch_size: int = 1) -> torch.Tensor:
+    """(n_documents, n_tokens - 1) float32: the cross-entropy of every token but the first
+    (column j scores token j + 1), each document read window by window from fresh memory."""
+    docs = _stack(documents, "documents")
+    was_training = model.training
+    model.eval()
+    rows = []
+    for i in range(0, docs.shape[0], batch_size):
+        batch = docs[i:i + batch_size]
+        reset_memory(model)
+        rows.append(torch.cat([_window_loss(model, batch, w, "none")[0].cpu()
+                               for w in windows(batch.shape[1], segment, context)], dim=1))
+    reset_memory(model)
+    model.train(was_training)
+    return torch.cat(rows)
+
+
 def perplexity(model, documents: list[torch.Tensor], segment: int, context: int = 0, batch_size: int = 1) -> float:
     """Perplexity of equal-length `documents`, each read from fresh memory (split across
     processes under torchrun)."""
     world, rank = _world()
     docs = _stack(documents, "documents")
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
     mine = docs[rank::world]
-    for i in range(0, mine.shape[0], batch_size):
-        batch = mine[i:i + batch_size]
-        reset_memory(model)
-        for w in windows(batch.shape[1], segment, context):
-            loss, n = _window_loss(model, batch, w)
-            sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
-    reset_memory(model)
-    model.train(was_training)
+    losses = token_losses(model, list(mine), segment, context, batch_size) if len(mine) else torch.zeros(0, 1)
+    sums = torch.tensor([losses.double().sum().item(), losses.numel()], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(sums)
     return math.exp(sums[0].item() / sums[1].item())
