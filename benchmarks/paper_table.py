@@ -48,8 +48,9 @@ PAPER = {"arxiv": {"vanilla": 3.29, "xl": 2.67, "memory-65536+xl": 2.31},
 PRESETS = {
     "cpu": {},  # the defaults below: real bytes, 0.8M parameters, minutes per configuration on 2 cores
     # the known answer: every model can learn to copy within its segment; only its reach differs
-    "control": dict(corpus="recurring", vocab=512, memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl",
-                    "memory-4096+xl"], batch_size=16, steps=600, max_docs=160, val_docs=8, warmup=30),
+    "control": dict(corpus="recurring", vocab=512, depth=2, span=16, copied=0.3, distances=[16, 16, 192, 768, 3072],
+                    memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
+                    batch_size=16, steps=800, max_docs=240, val_docs=8, warmup=30, lr=1e-3),
     # the budget curve on real bytes: validation along the way, 4x the default budget
     "curve": dict(steps=1600, validate_every=200, configs=["vanilla", "xl", "wide-2x", "memory-1536+xl"], wide=2,
                   max_docs=1000),
@@ -206,10 +207,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="defaults for the flags below")
     p.add_argument("--corpus", choices=["bytes", "recurring"], default="bytes")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary (bytes: 256)")
-    p.add_argument("--distances", type=int, nargs="+", default=[32, 160, 768, 3072],
+    p.add_argument("--distances", type=int, nargs="+", default=[16, 192, 768, 3072],
                    help="recurring corpus: how far back spans recur (cycled)")
-    p.add_argument("--span", type=int, default=32, help="recurring corpus: tokens per recurring span")
-    p.add_argument("--copied", type=float, default=0.5, help="recurring corpus: fraction of tokens that are copies")
+    p.add_argument("--span", type=int, default=16, help="recurring corpus: tokens per recurring span")
+    p.add_argument("--copied", type=float, default=0.3, help="recurring corpus: fraction of tokens that are copies (< 0.5; about 0.35 at most fits)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
