@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from knnmem import patch, unpatch
 from knnmem.eval.model import load_model
-from knnmem.eval.recall import accuracy, documents, questions, unicode_facts
+from knnmem.eval.recall import DEFAULT_FAMILIES, accuracy, all_facts, documents, questions
 from knnmem.eval.report import write_json
 from knnmem.knowledge import Storage
 
@@ -46,13 +46,13 @@ VARIANTS = [
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--facts", type=int, default=64)
+    p.add_argument("--facts", type=int, default=32, help="facts of each family (unicode, html, errno)")
     p.add_argument("--json", default="benchmarks/results/sweep_knowledge_cpu.json")
     args = p.parse_args()
     model, tokenizer, description = load_model()
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-    facts = unicode_facts(args.facts, args.seed)
-    texts = documents(facts, 8)
+    facts = all_facts(DEFAULT_FAMILIES, args.facts, args.seed)
+    texts = documents(facts, 8, args.seed)
     asked = questions(facts, 4, args.seed)
     alone = [torch.tensor(encode(t)) for t in texts]
     corpus = [torch.tensor(encode("\n\n".join(texts)))]
@@ -67,6 +67,7 @@ def main() -> None:
             result = accuracy(model, encode, asked, [], bar)
         rows.append({"variant": name, "options": options, "memorised_as": "corpus" if as_corpus else "documents",
                      "storage": storage.describe(), "accuracy": result["accuracy"],
+                     "interval95": result["interval95"], "by_family": result["by_family"],
                      "seconds": time.perf_counter() - start})
         unpatch(model)
     bar.close()

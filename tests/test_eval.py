@@ -175,23 +175,31 @@ def test_passkey_harness_scores_an_oracle_perfectly_and_a_memoryless_tiny_model_
 
 
 def test_recall_task_end_to_end(tiny_model_dir, tmp_path):
-    from knnmem.eval.recall import documents, questions, unicode_facts
+    from knnmem.eval.recall import FAMILIES, all_facts, documents, questions, wilson_interval
 
-    facts = unicode_facts(8, seed=0)
-    assert facts == unicode_facts(8, seed=0) and facts != unicode_facts(8, seed=1)  # seeded
+    facts = all_facts(list(FAMILIES), 8, seed=0)
+    assert facts == all_facts(list(FAMILIES), 8, seed=0) and facts != all_facts(list(FAMILIES), 8, seed=1)  # seeded
+    assert [f for f, _, _ in facts] == ["unicode"] * 8 + ["html"] * 8 + ["errno"] * 8
     asked = questions(facts, choices=3, seed=0)
-    assert [c[0] for _, c in asked] == [code for _, code in facts] and all(len(set(c)) == 3 for _, c in asked)
-    assert all(f"U+{code}." in text for text, chunk in zip(documents(facts, 4), (facts[:4], facts[4:]))
-               for _, code in chunk)
+    assert [c[0] for _, _, c in asked] == [value for _, _, value in facts] and all(len(set(c)) == 3 for _, _, c in asked)
+    values = {f: {v for g, _, v in facts if g == f} for f in FAMILIES}
+    assert all(set(c) <= values[f] for f, _, c in asked)  # distractors come from the same family
+    texts = documents(facts, 4, seed=0)
+    assert len(texts) == 6 and all(FAMILIES[f].state(k, v) in " ".join(texts) for f, k, v in facts)
+    assert "Error ENOENT has errno=2." == FAMILIES["errno"].state("ENOENT", "2")
+    low, high = wilson_interval(30, 100)
+    assert 0.21 < low < 0.22 and 0.39 < high < 0.40 and wilson_interval(0, 10)[0] == 0.0
     model_dir, _ = tiny_model_dir
     out = tmp_path / "recall.json"
-    eval_main(["--task", "recall", "--model", model_dir, "--facts", "8", "--facts-per-document", "4", "--choices", "3",
+    eval_main(["--task", "recall", "--model", model_dir, "--facts", "4", "--facts-per-document", "4", "--choices", "3",
                "--pq-m", "4", "--pq-bits", "4", "--sparse-keep", "4", "--sparse-chunk", "16", "--adapter-steps", "3",
                "--json", str(out), "--device", "cpu"])
     result = json.loads(out.read_text())
     configs = result["configs"]
     assert list(configs) == ["none", "prompt", "knowledge-fp16", "knowledge-sparse", "knowledge-pq", "adapter"]
     assert all(0 <= c["accuracy"] <= 1 and c["seconds_per_question"] > 0 for c in configs.values())
+    assert all(c["questions"] == 12 and set(c["by_family"]) == {"unicode", "html", "errno"} for c in configs.values())
+    assert all(c["interval95"][0] <= c["accuracy"] <= c["interval95"][1] for c in configs.values())
     assert configs["prompt"]["prompt_tokens"] > configs["none"]["prompt_tokens"] + result["memorised_tokens"]
     assert configs["knowledge-fp16"]["prompt_tokens"] == configs["none"]["prompt_tokens"]
     fp16 = 2 * 2 * 2 * 8 * 2  # layers x KV heads x (key, value) x head dim x 2 bytes
@@ -205,6 +213,7 @@ def test_recall_task_end_to_end(tiny_model_dir, tmp_path):
     (["--facts", "0"], "--facts must be a positive integer"),
     (["--choices", "1"], "--choices must be in"),
     (["--facts", "100000"], "--facts must be in"),
+    (["--families", "errno", "--facts", "200"], "for the errno family"),
     (["--sparse-keep", "200"], "keep (200) must be at most chunk"),
     (["--pq-m", "3", "--configs", "knowledge-pq"], "--pq-m must divide"),
 ])
@@ -318,3 +327,18 @@ def test_every_command_help_shows_the_defaults(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
     assert exit_info.value.code == 0 and "(default: " in capsys.readouterr().out
+
+
+def test_recall_questions_continue_a_cached_context_as_if_it_were_read_with_them(tiny_model_dir):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from knnmem.eval.recall import _context_cache, candidate_scores
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir[0]).eval()
+    context, question, candidates = list(range(5, 45)), [7, 8, 9], [[10, 11], [12], [13, 14, 15]]
+    cache = _context_cache(model, context)
+    cached = candidate_scores(model, question, candidates, copy.deepcopy(cache))
+    assert cached == pytest.approx(candidate_scores(model, context + question, candidates), abs=1e-4)
+    assert candidate_scores(model, question, candidates, copy.deepcopy(cache)) == cached  # the cache is kept as read

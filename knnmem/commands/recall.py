@@ -1,7 +1,7 @@
 """`knnmem eval --task recall`: facts read once, asked later without them in the prompt.
 
-    knnmem eval --task recall                                  # 64 facts, every configuration
-    knnmem eval --task recall --facts 128 --configs none prompt knowledge-fp16
+    knnmem eval --task recall                                  # 3 x 96 facts, every configuration
+    knnmem eval --task recall --facts 32 --families unicode --configs none prompt knowledge-fp16
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import argparse
 import os
 
 from ..eval import recall
-from ..eval.recall import (CONFIGS, RecallRun, evaluate_recall, memorised_tokens, plot_recall, print_recall,
-                           unicode_facts)
+from ..eval.recall import (CONFIGS, DEFAULT_FAMILIES, FAMILIES, RecallRun, all_facts, evaluate_recall,
+                           memorised_tokens, plot_recall, print_recall, questions)
 from ..eval.report import write_json
 from ..knowledge import Storage
 from .common import (HelpFormatter, check_layers, check_positive, check_results_writable, default_device, finite_float,
@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local Hugging Face model directory, or a Hub id in the local cache (default: bundled "
                    "SmolLM2-135M-Instruct)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    p.add_argument("--facts", type=int, default=64, help="facts stated, and asked")
+    p.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(DEFAULT_FAMILIES),
+                   help="kinds of facts, each asked --facts times")
+    p.add_argument("--facts", type=int, default=96, help="facts of each family stated, and asked")
     p.add_argument("--facts-per-document", type=int, default=8)
     p.add_argument("--choices", type=int, default=4, help="candidate answers per question (chance = 1 / choices)")
     p.add_argument("--seed", type=int, default=0)
@@ -72,7 +74,7 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         args.storage["sparse"].check(head_dim=1)
         if not 1 <= args.pq_bits <= 16:
             raise ValueError(f"--pq-bits must be in [1, 16], got {args.pq_bits}")
-        unicode_facts(args.facts, args.seed)
+        questions(all_facts(args.families, args.facts, args.seed), args.choices, args.seed)
     except ValueError as err:
         parser.error(str(err))
     check_results_writable(parser, [args.json, plot_path(args)])
@@ -80,7 +82,7 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
 
 def run_settings(args) -> RecallRun:
     return RecallRun(
-        configs=args.configs, facts=args.facts, facts_per_document=args.facts_per_document, choices=args.choices,
+        configs=args.configs, families=tuple(args.families), facts=args.facts, facts_per_document=args.facts_per_document, choices=args.choices,
         seed=args.seed, layers=args.layer_list, topk=args.topk, memorize_as=args.memorize_as, storage=args.storage,
         adapter_layer=args.adapter_layer, adapter_steps=args.adapter_steps, adapter_lr=args.adapter_lr,
         adapter_gate_init=args.adapter_gate_init)

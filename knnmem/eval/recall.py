@@ -1,31 +1,38 @@
 """The recall task (`knnmem eval --task recall`): facts read once, asked later without them in
 the prompt.
 
-Facts come from the Unicode database of Python's standard library (`unicodedata`): a seeded sample
-of symbol characters and their code points, which a small model does not know by heart. They are
-stated in documents, `--facts-per-document` each ("The code point of UMBRELLA is U+2602. ..."),
-and each is later asked as a cloze, "The code point of UMBRELLA is U+", answered by ranking the
-true code point against `--choices - 1` code points of other facts by the model's log-likelihood
-(chance: 1 / choices).
+Facts come from structured data of Python's standard library, in families that a small model does
+not know by heart, each a seeded sample of `--facts` (key, value) pairs:
+- `unicode` (`unicodedata`, symbol blocks): "The code point of UMBRELLA is U+2602."
+- `html` (`html.entities`): "The HTML entity &hearts; is character #9829."
+- `errno` (`errno`, this machine's numbers): "Error ENOENT has errno=2."
+They are stated in documents of one family, `--facts-per-document` each, shuffled together; each
+fact is later asked as a cloze of the same statement ("The code point of UMBRELLA is U+"),
+answered by ranking the true value against `--choices - 1` values of other facts of its family by
+the model's log-likelihood (chance: 1 / choices). Every configuration asks the same questions.
 
 Configurations (the question is all the model is given, except for `prompt`):
 - `none`: what the model knows by itself.
-- `prompt`: every document, then the question: the upper bound, paying the documents' tokens per question.
+- `prompt`: every document, then the question: the upper bound, paying the documents' tokens per
+  question (read once into a KV cache that each question continues).
 - `knowledge-fp16`, `knowledge-sparse`, `knowledge-pq`: the documents memorised once into the
   knowledge memory of the patched model, in each storage form (`knnmem.knowledge`); by default as
   one text, the same token stream `prompt` reads (`--memorize-as documents`: each alone).
 - `adapter`: a `ResidualMemory` trained on the documents with the model frozen (`knnmem.adapters`).
-Reported for each: accuracy, prompt tokens and seconds per question, seconds to memorise, and
-bytes stored per memorised token.
+Reported for each: accuracy with its 95% (Wilson) interval, overall and per family, prompt tokens
+and seconds per question, seconds to memorise, and bytes stored per memorised token.
 """
 from __future__ import annotations
 
+import copy
+import errno
+import html.entities
 import inspect
 import math
 import random
 import time
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,42 +47,96 @@ CONFIGS = ("none", "prompt", "knowledge-fp16", "knowledge-sparse", "knowledge-pq
 # Symbol blocks whose characters have short, distinct names: Miscellaneous Symbols, Dingbats,
 # Miscellaneous Symbols and Pictographs.
 BLOCKS = ((0x2600, 0x27C0), (0x1F300, 0x1F600))
-STATEMENT = "The code point of {name} is U+{code}."
-QUESTION = "The code point of {name} is U+"
 
 
-def unicode_facts(n: int, seed: int) -> list[tuple[str, str]]:
-    """`n` (name, hex code point) pairs of named symbol characters, sampled with `seed`."""
-    pool = [(unicodedata.name(chr(c)), f"{c:04X}") for lo, hi in BLOCKS for c in range(lo, hi)
-            if unicodedata.name(chr(c), "")]
+@dataclass(frozen=True)
+class Family:
+    """A kind of fact: its statement (a cloze: the value ends it, before `end`) and its pool."""
+
+    statement: str  # with {key}; the value follows it, then `end`
+    end: str
+    pool: Callable[[], list[tuple[str, str]]]
+
+    def state(self, key: str, value: str) -> str:
+        return self.statement.format(key=key) + value + self.end
+
+    def ask(self, key: str) -> str:
+        return self.statement.format(key=key)
+
+
+FAMILIES = {
+    "unicode": Family("The code point of {key} is U+", ".", lambda: [
+        (unicodedata.name(chr(c)), f"{c:04X}") for lo, hi in BLOCKS for c in range(lo, hi) if unicodedata.name(chr(c), "")]),
+    "html": Family("The HTML entity &{key}; is character #", ".", lambda: [
+        (name, str(code)) for name, code in sorted(html.entities.name2codepoint.items())]),
+    "errno": Family("Error {key} has errno=", ".", lambda: [
+        (name, str(number)) for number, name in sorted(errno.errorcode.items())]),
+}
+DEFAULT_FAMILIES = tuple(FAMILIES)
+
+Fact = tuple[str, str, str]  # (family, key, value)
+
+
+def family_facts(family: str, n: int, seed: int) -> list[Fact]:
+    """`n` facts of `family`, sampled with `seed` (ValueError naming --facts if the pool is smaller)."""
+    if family not in FAMILIES:
+        raise ValueError(f"--families: unknown {family!r}; choose from {list(FAMILIES)}")
+    pool = FAMILIES[family].pool()
     if not 0 < n <= len(pool):
-        raise ValueError(f"--facts must be in [1, {len(pool)}], got {n}")
-    return random.Random(seed).sample(pool, n)
+        raise ValueError(f"--facts must be in [1, {len(pool)}] for the {family} family, got {n}")
+    return [(family, key, value) for key, value in random.Random(f"{family}-{seed}").sample(pool, n)]
 
 
-def documents(facts: list[tuple[str, str]], per_document: int) -> list[str]:
-    return [" ".join(STATEMENT.format(name=name, code=code) for name, code in facts[i:i + per_document])
-            for i in range(0, len(facts), per_document)]
+def all_facts(families: Sequence[str], n: int, seed: int) -> list[Fact]:
+    """`n` facts of each family, in family order."""
+    return [fact for family in families for fact in family_facts(family, n, seed)]
 
 
-def questions(facts: list[tuple[str, str]], choices: int, seed: int) -> list[tuple[str, list[str]]]:
-    """(question, candidates with the true answer first) per fact; distractors from other facts."""
+def documents(facts: list[Fact], per_document: int, seed: int = 0) -> list[str]:
+    """Documents of `per_document` facts of one family each, shuffled with `seed`."""
+    texts = []
+    for family in dict.fromkeys(f for f, _, _ in facts):
+        mine = [(k, v) for f, k, v in facts if f == family]
+        texts += [" ".join(FAMILIES[family].state(k, v) for k, v in mine[i:i + per_document])
+                  for i in range(0, len(mine), per_document)]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def questions(facts: list[Fact], choices: int, seed: int) -> list[tuple[str, str, list[str]]]:
+    """(family, question, candidates with the true value first) per fact; distractors are values
+    of other facts of the same family."""
     rng = random.Random(seed + 1)
-    codes = [code for _, code in facts]
-    return [(QUESTION.format(name=name), [code] + rng.sample([c for c in codes if c != code], choices - 1))
-            for name, code in facts]
+    asked = []
+    for family, key, value in facts:
+        others = sorted({v for f, _, v in facts if f == family and v != value})
+        if len(others) < choices - 1:
+            raise ValueError(f"--choices {choices}: the {family} facts have only {len(others) + 1} distinct values")
+        asked.append((family, FAMILIES[family].ask(key), [value] + rng.sample(others, choices - 1)))
+    return asked
+
+
+def wilson_interval(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion right / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = right / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @torch.no_grad()
-def candidate_scores(model, prefix: list[int], candidates: list[list[int]]) -> list[float]:
+def candidate_scores(model, prefix: list[int], candidates: list[list[int]], cache=None) -> list[float]:
     """Log-likelihood of each candidate continuation (token ids) of `prefix`.
-    The prefix is read once; the candidates then continue from its KV cache in one batch,
-    right-padded (padding comes after what is scored). Raises FloatingPointError if any score is
-    not finite (NaN logits must never rank a candidate)."""
+    The prefix is read once (after `cache`, a KV cache of earlier tokens, which is extended: pass
+    a copy); the candidates then continue from its KV cache in one batch, right-padded (padding
+    comes after what is scored). Raises FloatingPointError if any score is not finite (NaN logits
+    must never rank a candidate)."""
     device = model.device
     # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(torch.tensor([prefix], device=device), use_cache=True)
+    out = model(torch.tensor([prefix], device=device), use_cache=True, **({name: cache} if cache is not None else {}))
     cache = out[name]
     cache.batch_repeat_interleave(len(candidates))
     longest = max(len(c) for c in candidates)
@@ -98,18 +159,34 @@ def answered_right(scores: list[float]) -> bool:
     return all(scores[0] > other for other in scores[1:])
 
 
-def accuracy(model, encode, asked: list[tuple[str, list[str]]], context: list[int], bar: tqdm) -> dict:
-    """Fraction answered right, seconds and prompt tokens per question, with `context` token ids
-    before each question."""
-    start, right, tokens = time.perf_counter(), 0, 0
-    for question, candidates in asked:
-        prefix = context + encode(question)
-        right += answered_right(candidate_scores(model, prefix, [encode(c) for c in candidates]))
-        tokens += len(prefix)
+@torch.no_grad()
+def _context_cache(model, context: list[int]):
+    """The KV cache of `context` read once (None if empty), for questions to continue (copied)."""
+    if not context:
+        return None
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(torch.tensor([context], device=model.device), use_cache=True)[name]
+
+
+def accuracy(model, encode, asked: list[tuple[str, str, list[str]]], context: list[int], bar: tqdm) -> dict:
+    """Fraction answered right (with its 95% interval, overall and per family), seconds and
+    prompt tokens per question, with `context` token ids before each question (read once)."""
+    start = time.perf_counter()
+    cache = _context_cache(model, context)
+    right: dict[str, list[bool]] = {}
+    tokens = 0
+    for family, question, candidates in asked:
+        prefix = encode(question)
+        scores = candidate_scores(model, prefix, [encode(c) for c in candidates],
+                                  copy.deepcopy(cache) if cache is not None else None)
+        right.setdefault(family, []).append(answered_right(scores))
+        tokens += len(context) + len(prefix)
         bar.update()
-    n = len(asked)
-    return {"accuracy": right / n, "seconds_per_question": (time.perf_counter() - start) / n,
-            "prompt_tokens": tokens / n}
+    n, hits = len(asked), sum(sum(r) for r in right.values())
+    return {"accuracy": hits / n, "interval95": wilson_interval(hits, n), "questions": n,
+            "by_family": {f: {"accuracy": sum(r) / len(r), "interval95": wilson_interval(sum(r), len(r)),
+                              "questions": len(r)} for f, r in right.items()},
+            "seconds_per_question": (time.perf_counter() - start) / n, "prompt_tokens": tokens / n}
 
 
 def _default_storage() -> dict[str, Storage]:
@@ -118,15 +195,16 @@ def _default_storage() -> dict[str, Storage]:
 
 @dataclass(frozen=True)
 class RecallRun:
-    """What a recall evaluation runs. facts: facts stated, and asked; facts_per_document: facts
-    per document; choices: candidate answers per question; seed: of the facts, the distractors
-    and the adapter's training. Knowledge configs patch `layers` (None: all) with `topk` and
+    """What a recall evaluation runs. families: kinds of facts (`FAMILIES`); facts: facts of each
+    family stated, and asked; facts_per_document: facts per document; choices: candidate answers
+    per question; seed: of the facts, the documents' order, the distractors and the adapter's training. Knowledge configs patch `layers` (None: all) with `topk` and
     memorise the documents as one text (memorize_as "corpus") or each alone ("documents"), in the
     `storage` of their form ("fp16", "sparse", "pq"). The adapter sits on block `adapter_layer`
     (None: 75% depth) and trains for `adapter_steps` at `adapter_lr` from `adapter_gate_init`."""
 
     configs: Sequence[str] = CONFIGS
-    facts: int = 64
+    families: Sequence[str] = DEFAULT_FAMILIES
+    facts: int = 96
     facts_per_document: int = 8
     choices: int = 4
     seed: int = 0
@@ -184,7 +262,7 @@ def adapter_row(model, encode, asked, memorised: list[torch.Tensor], run: Recall
 
 def _memorised(tokenizer, run: "RecallRun") -> tuple[list[str], list[torch.Tensor]]:
     """(the documents stating the facts, the token ids memorised: one corpus or each document)."""
-    texts = documents(unicode_facts(run.facts, run.seed), run.facts_per_document)
+    texts = documents(all_facts(run.families, run.facts, run.seed), run.facts_per_document, run.seed)
     corpus = "\n\n".join(texts)
     return texts, [torch.tensor(tokenizer(t, add_special_tokens=False).input_ids)
                    for t in (texts if run.memorize_as == "documents" else [corpus])]
@@ -201,7 +279,7 @@ def evaluate_recall(model, tokenizer, description: str, run: RecallRun, settings
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    facts = unicode_facts(run.facts, run.seed)
+    facts = all_facts(run.families, run.facts, run.seed)
     asked = questions(facts, run.choices, run.seed)
     texts, memorised = _memorised(tokenizer, run)
     prompt = encode("\n\n".join(texts) + "\n\n")
@@ -220,7 +298,8 @@ def evaluate_recall(model, tokenizer, description: str, run: RecallRun, settings
     upper = results.get("prompt", {}).get("accuracy")
     for row in results.values():
         row["vs_prompt"] = row["accuracy"] / upper if upper else None
-    return {"model": description, "task": "recall", "facts": len(facts), "documents": len(texts),
+    return {"model": description, "task": "recall", "facts": len(facts), "families": list(run.families),
+            "documents": len(texts),
             "memorised_tokens": sum(d.numel() for d in memorised), "chance": 1 / run.choices,
             "settings": settings or {}, "configs": results}
 
@@ -228,14 +307,17 @@ def evaluate_recall(model, tokenizer, description: str, run: RecallRun, settings
 def print_recall(payload: dict) -> None:
     print(f"\n{payload['model']}: {payload['facts']} facts in {payload['documents']} documents "
           f"({payload['memorised_tokens']} tokens), chance {payload['chance']:.2f}")
-    print(f"{'config':<18}{'accuracy':>9}{'vs prompt':>10}{'prompt tok':>11}{'s/question':>11}"
-          f"{'memorise s':>11}{'bytes/token':>12}")
+    families = payload["families"]
+    print(f"{'config':<18}{'accuracy':>9}{'95% interval':>14}" + "".join(f"{f:>9}" for f in families) +
+          f"{'vs prompt':>10}{'prompt tok':>11}{'s/question':>11}{'memorise s':>11}{'bytes/token':>12}")
     for name, row in payload["configs"].items():
         vs = f"{100 * row['vs_prompt']:.0f}%" if row["vs_prompt"] is not None else ""
         memorise = f"{row['memorize_seconds']:.1f}" if "memorize_seconds" in row else ""
         size = f"{row['bytes_per_token']:.0f}" if "bytes_per_token" in row else ""
-        print(f"{name:<18}{row['accuracy']:>9.3f}{vs:>10}{row['prompt_tokens']:>11.0f}{row['seconds_per_question']:>11.3f}"
-              f"{memorise:>11}{size:>12}")
+        low, high = row["interval95"]
+        print(f"{name:<18}{row['accuracy']:>9.3f}{f'{low:.2f}-{high:.2f}':>14}"
+              + "".join(f"{row['by_family'][f]['accuracy']:>9.3f}" for f in families)
+              + f"{vs:>10}{row['prompt_tokens']:>11.0f}{row['seconds_per_question']:>11.3f}{memorise:>11}{size:>12}")
 
 
 def plot_recall(payload: dict, path: str) -> None:
@@ -246,9 +328,12 @@ def plot_recall(payload: dict, path: str) -> None:
 
     names = list(payload["configs"])
     fig, (acc, size) = plt.subplots(1, 2, figsize=(11, 4))
-    acc.bar(names, [payload["configs"][n]["accuracy"] for n in names])
+    accuracies = [payload["configs"][n]["accuracy"] for n in names]
+    errors = [[a - payload["configs"][n]["interval95"][0] for n, a in zip(names, accuracies)],
+              [payload["configs"][n]["interval95"][1] - a for n, a in zip(names, accuracies)]]
+    acc.bar(names, accuracies, yerr=errors, capsize=3)
     acc.axhline(payload["chance"], linestyle="--", color="gray", label="chance")
-    acc.set(ylabel="accuracy", ylim=(0, 1), title=f"Recall of {payload['facts']} facts")
+    acc.set(ylabel="accuracy (95% interval)", ylim=(0, 1), title=f"Recall of {payload['facts']} facts")
     acc.legend()
     stored = [n for n in names if "bytes_per_token" in payload["configs"][n]]
     size.bar(stored, [payload["configs"][n]["bytes_per_token"] for n in stored])
