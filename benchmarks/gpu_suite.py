@@ -13,8 +13,9 @@ and its own time, each one's failure recorded there without stopping the next:
   kernel_bench  benchmarks/bench_kernel.py's short sweep: fused vs two-kernel vs reference vs sdpa floor
   store         benchmarks/bench_memory.py: exact search on the GPU (fp32, fp16 keys) at 8K-1M memories
                 per head with recall, the machine's CPU beside it at the sizes it can do in time
-  train         benchmarks/paper_table.py --preset gpu: training throughput (bf16 autocast, the kernel's
-                backward) and the from-scratch table, each configuration saved as it finishes
+  train         benchmarks/paper_table.py --preset gpu, then --preset control-gpu: training throughput
+                (bf16 autocast, the kernel's backward), the from-scratch table on bytes and the
+                known-answer control, each configuration saved as it finishes
   cost          the eval's configurations at the bundled model's shape (random weights: the GGUF file
                 cannot travel, see the README), tokens/s of xl, long and xl+memory on one document
 The rehearsal runs the same code on a CPU, the kernel in Triton's interpreter, on tiny shapes.
@@ -35,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 # Seconds of each step on a GPU (their sum is the default --budget); the rehearsal has no budget.
-SHARES = {"env": 15, "kernel_tests": 100, "kernel_bench": 90, "store": 60, "train": 150, "cost": 65}
+SHARES = {"env": 10, "kernel_tests": 110, "kernel_bench": 75, "store": 45, "train": 180, "cost": 60}
 
 
 def remaining(deadline: float) -> float | None:
@@ -141,23 +142,29 @@ def _has_faiss() -> bool:
 
 
 def step_train(args, deadline: float) -> dict:
-    """paper_table.py in a child process: it saves its JSON after every configuration, so a run
-    stopped at the deadline keeps what it finished."""
-    out = os.path.join(args.out, "train_table.json")
-    command = [sys.executable, os.path.join(HERE, "paper_table.py"), "--preset", "rehearse" if args.rehearse else "gpu",
-               "--out", out, "--no-plot"]
-    timeout = remaining(deadline)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        returncode, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        returncode, output = None, f"stopped at the time budget ({timeout:.0f} s)\n" + (err.stdout or b"").decode(errors="replace")
-    table = None
-    if os.path.exists(out):
-        with open(out) as f:
-            table = json.load(f)
-        os.remove(out)  # folded into train.json: the results folder keeps few files
-    return {"returncode": returncode, "output_tail": output[-3000:], "table": table}
+    """paper_table.py in a child process per preset (the paper's rows on bytes, then the control
+    corpus): each saves its JSON after every configuration, so a preset stopped at the deadline
+    keeps what it finished."""
+    result = {}
+    for preset in (["rehearse"] if args.rehearse else ["gpu", "control-gpu"]):
+        out = os.path.join(args.out, f"train_{preset}.json")
+        command = [sys.executable, os.path.join(HERE, "paper_table.py"), "--preset", preset, "--out", out, "--no-plot"]
+        timeout = remaining(deadline)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            returncode, output = done.returncode, done.stdout + done.stderr
+        except subprocess.TimeoutExpired as err:
+            returncode = None
+            output = f"stopped at the time budget ({timeout:.0f} s)\n" + (err.stdout or b"").decode(errors="replace")
+        table = None
+        if os.path.exists(out):
+            with open(out) as f:
+                table = json.load(f)
+            os.remove(out)  # folded into train.json: the results folder keeps few files
+        result[preset] = {"returncode": returncode, "output_tail": output[-3000:], "table": table}
+        if time.monotonic() > deadline:
+            break
+    return result
 
 
 def step_cost(args, deadline: float) -> dict:

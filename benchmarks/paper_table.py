@@ -51,6 +51,10 @@ PRESETS = {
     "control": dict(corpus="recurring", vocab=512, depth=2, span=16, copied=0.3, distances=[16, 16, 192, 768, 3072],
                     memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
                     batch_size=16, steps=800, max_docs=240, val_docs=8, warmup=30, lr=1e-3),
+    # the control where copying can emerge (one H100/H200, about 2 minutes; see copy_emergence.py)
+    "control-gpu": dict(corpus="recurring", vocab=512, depth=2, span=16, copied=0.3, distances=[16, 16, 192, 768, 3072],
+                        memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
+                        batch_size=32, steps=6000, max_docs=800, val_docs=16, warmup=100, lr=1e-3),
     # the budget curve on real bytes: validation along the way, 4x the default budget
     "curve": dict(steps=1600, validate_every=200, configs=["vanilla", "xl", "wide-2x", "memory-1536+xl"], wide=2,
                   max_docs=1000),

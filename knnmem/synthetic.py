@@ -35,17 +35,21 @@ def recurring_spans(n_tokens: int, vocab_size: int, distances: list[int], span: 
     distance = torch.zeros(n_tokens, dtype=torch.long)
     taken = torch.zeros(n_tokens, dtype=torch.bool)  # copies and their sources
     wanted = round(copied * n_tokens / span)
+    free = torch.ones(n_tokens - span + 1, dtype=torch.bool)  # free[s]: no token of [s, s + span) is taken
+
+    def take(a: int) -> None:
+        taken[a:a + span] = True
+        free[max(0, a - span + 1):a + span] = False
+
     for i in range(wanted):
         d = distances[i % len(distances)]
-        # free[s]: no token of [s, s + span) is taken; a copy may start at s if s and s - d are free
-        busy = torch.nn.functional.pad(taken.float(), (0, span - 1), value=1.0).unfold(0, span, 1).amax(-1)
-        free = busy[:n_tokens - span + 1] == 0
-        starts = (free[d:] & free[:len(free) - d]).nonzero()[:, 0] + d
+        starts = (free[d:] & free[:len(free) - d]).nonzero()[:, 0] + d  # a copy at s, its source at s - d
         if not len(starts):
             raise ValueError(f"placed only {i} of {wanted} recurring spans (copied={copied} of {n_tokens} tokens, "
                              f"span {span}): lower copied")
         start = int(starts[torch.randint(len(starts), (1,), generator=generator)])
         tokens[start:start + span] = tokens[start - d:start - d + span]
         distance[start + 1:start + span] = d
-        taken[start - d:start - d + span] = taken[start:start + span] = True
+        take(start - d)
+        take(start)
     return tokens, distance

@@ -330,8 +330,6 @@ def test_every_command_help_shows_the_defaults(command, capsys):
 
 
 def test_recall_questions_continue_a_cached_context_as_if_it_were_read_with_them(tiny_model_dir):
-    import copy
-
     from transformers import AutoModelForCausalLM
 
     from knnmem.eval.recall import _context_cache, candidate_scores
@@ -339,6 +337,10 @@ def test_recall_questions_continue_a_cached_context_as_if_it_were_read_with_them
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir[0]).eval()
     context, question, candidates = list(range(5, 45)), [7, 8, 9], [[10, 11], [12], [13, 14, 15]]
     cache = _context_cache(model, context)
-    cached = candidate_scores(model, question, candidates, copy.deepcopy(cache))
+    cached = candidate_scores(model, question, candidates, cache)
+    assert cache.get_seq_length() == len(context)  # cropped back: the next question reads the same context
     assert cached == pytest.approx(candidate_scores(model, context + question, candidates), abs=1e-4)
-    assert candidate_scores(model, question, candidates, copy.deepcopy(cache)) == cached  # the cache is kept as read
+    assert candidate_scores(model, question, candidates, cache) == pytest.approx(cached, abs=1e-6)
+    # each candidate is scored as if read alone after the prefix
+    alone = [candidate_scores(model, context + question, [c])[0] for c in candidates]
+    assert cached == pytest.approx(alone, abs=1e-4)

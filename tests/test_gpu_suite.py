@@ -29,7 +29,7 @@ def test_rehearsal_runs_every_step_and_writes_what_comes_back(tmp_path):
     assert {r["spec"] for r in store["sweep"]} == {"exact", "exact/float16"}
     assert all(r["recall@32"] > 0.99 for r in store["sweep"])
     train = json.loads((tmp_path / "train.json").read_text())
-    assert set(train["table"]["configs"]) == {"vanilla", "xl", "memory-128+xl"}
+    assert set(train["rehearse"]["table"]["configs"]) == {"vanilla", "xl", "memory-128+xl"}
     cost = json.loads((tmp_path / "cost.json").read_text())
     assert set(cost["configs"]) == {"xl", "long", "xl+memory"} and cost["configs"]["xl"]["time_vs_xl"] == 1.0
 

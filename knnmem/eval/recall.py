@@ -24,7 +24,6 @@ and seconds per question, seconds to memorise, and bytes stored per memorised to
 """
 from __future__ import annotations
 
-import copy
 import errno
 import html.entities
 import inspect
@@ -126,28 +125,42 @@ def wilson_interval(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _cache_name(model) -> str:
+    # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _crop(cache, length: int) -> None:
+    """Cut `cache` back to its first `length` tokens (transformers 5 crops by a negative count)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 @torch.no_grad()
 def candidate_scores(model, prefix: list[int], candidates: list[list[int]], cache=None) -> list[float]:
     """Log-likelihood of each candidate continuation (token ids) of `prefix`.
-    The prefix is read once (after `cache`, a KV cache of earlier tokens, which is extended: pass
-    a copy); the candidates then continue from its KV cache in one batch, right-padded (padding
-    comes after what is scored). Raises FloatingPointError if any score is not finite (NaN logits
-    must never rank a candidate)."""
-    device = model.device
-    # transformers 5.24 renamed past_key_values to cache (the old name still works, with a warning)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(torch.tensor([prefix], device=device), use_cache=True, **({name: cache} if cache is not None else {}))
+
+    The prefix is read once, after `cache` (a KV cache of earlier tokens, e.g. the documents of
+    `prompt`; None: nothing before), then each candidate continues it in turn, the cache cropped
+    back after each: no copy of a long cache is ever made, and `cache` is returned to its length.
+    Raises FloatingPointError if any score is not finite (NaN logits must never rank a candidate)."""
+    name = _cache_name(model)
+    ids = lambda tokens: torch.tensor([tokens], device=model.device)  # noqa: E731
+    before = cache.get_seq_length() if cache is not None else 0
+    out = model(ids(prefix), use_cache=True, **({name: cache} if cache is not None else {}))
     cache = out[name]
-    cache.batch_repeat_interleave(len(candidates))
-    longest = max(len(c) for c in candidates)
-    ids = torch.zeros(len(candidates), longest, dtype=torch.long)
-    for row, cand in enumerate(candidates):
-        ids[row, :len(cand)] = torch.tensor(cand)
-    logits = model(ids.to(device), use_cache=True, **{name: cache}).logits
     first = out.logits[0, -1].float().log_softmax(-1)
-    logp = logits[:, :-1].float().log_softmax(-1)
-    scores = [first[c[0]].item() + logp[row, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum().item()
-              for row, c in enumerate(candidates)]
+    read = cache.get_seq_length()
+    scores = []
+    for cand in candidates:
+        score = first[cand[0]].item()
+        if len(cand) > 1:
+            logp = model(ids(cand[:-1]), use_cache=True, **{name: cache}).logits[0].float().log_softmax(-1)
+            score += logp[torch.arange(len(cand) - 1), torch.tensor(cand[1:], dtype=torch.long)].sum().item()
+            _crop(cache, read)
+        scores.append(score)
+    _crop(cache, before)
     if not all(math.isfinite(x) for x in scores):
         raise FloatingPointError(f"the model scored the candidates {scores}: its logits are not finite (NaN or inf), "
                                  "so no answer can be ranked")
@@ -161,11 +174,10 @@ def answered_right(scores: list[float]) -> bool:
 
 @torch.no_grad()
 def _context_cache(model, context: list[int]):
-    """The KV cache of `context` read once (None if empty), for questions to continue (copied)."""
+    """The KV cache of `context` read once (None if empty), which every question continues."""
     if not context:
         return None
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(torch.tensor([context], device=model.device), use_cache=True)[name]
+    return model(torch.tensor([context], device=model.device), use_cache=True)[_cache_name(model)]
 
 
 def accuracy(model, encode, asked: list[tuple[str, str, list[str]]], context: list[int], bar: tqdm) -> dict:
@@ -177,8 +189,7 @@ def accuracy(model, encode, asked: list[tuple[str, str, list[str]]], context: li
     tokens = 0
     for family, question, candidates in asked:
         prefix = encode(question)
-        scores = candidate_scores(model, prefix, [encode(c) for c in candidates],
-                                  copy.deepcopy(cache) if cache is not None else None)
+        scores = candidate_scores(model, prefix, [encode(c) for c in candidates], cache)
         right.setdefault(family, []).append(answered_right(scores))
         tokens += len(context) + len(prefix)
         bar.update()
