@@ -160,7 +160,9 @@ def test_causal_attention_xl_cache_with_rope_equals_attention_over_both_segments
         CausalAttention(32, 4, rope_base=0.5)
 
 
-def test_memorizing_transformer_trains_fills_memory_and_clears_it_per_document():
+def _xl_memory_model_counting_memories():
+    """(a small XL + memory model, its memory layer, the list that each forward of that layer
+    appends the memory's counts per row to, as they are before the forward)."""
     torch.manual_seed(0)
     config = MemorizingConfig(vocab_size=64, dim=32, depth=4, heads=4, max_memories=128, topk=8, xl_cache=True)
     model = MemorizingTransformer(config)
@@ -169,6 +171,11 @@ def test_memorizing_transformer_trains_fills_memory_and_clears_it_per_document()
     counts = []
     memory_layer.register_forward_pre_hook(lambda m, args: counts.append(
         m.memory.counts.tolist() if m.memory is not None else [0, 0]))
+    return model, memory_layer, counts
+
+
+def test_memorizing_transformer_trains_fills_memory_and_clears_it_per_document():
+    model, memory_layer, counts = _xl_memory_model_counting_memories()
     log = train(model, _repeating_documents(4, 64), TrainSettings(steps=16, lr=3e-3, lr_memory=None, warmup=2,
                                                                   segment=16, batch_size=2), progress=False)
     assert sum(log["history"][-4:]) < sum(log["history"][:4])
@@ -248,14 +255,7 @@ def test_torchrun_two_processes_train_like_one_with_both_documents(tiny_model_di
 
 def test_training_on_the_control_fills_memory_and_clears_it_per_document():
     """A few steps on the known-answer corpus (benchmarks/paper_table.py --preset control, tiny)."""
-    torch.manual_seed(0)
-    config = MemorizingConfig(vocab_size=64, dim=32, depth=4, heads=4, max_memories=128, topk=8, xl_cache=True)
-    model = MemorizingTransformer(config)
-    assert config.resolved_memory_layers() == [3]
-    memory_layer = model.blocks[3].attn
-    counts = []
-    memory_layer.register_forward_pre_hook(lambda m, args: counts.append(
-        m.memory.counts.tolist() if m.memory is not None else [0, 0]))
+    model, memory_layer, counts = _xl_memory_model_counting_memories()
     g = torch.Generator().manual_seed(0)
     docs = [recurring_spans(128, 64, [8, 40], span=8, copied=0.25, generator=g)[0] for _ in range(4)]
     log = train(model, docs, TrainSettings(steps=16, lr=3e-3, lr_memory=None, warmup=2, segment=16, batch_size=2),
