@@ -302,3 +302,18 @@ def test_token_losses_are_what_perplexity_averages():
     losses = token_losses(model, docs, 16, batch_size=2)
     assert losses.shape == (3, 47) and bool(torch.isfinite(losses).all())
     assert abs(perplexity(model, docs, 16, batch_size=2) - losses.double().mean().exp().item()) < 1e-4
+
+
+def test_gradients_reach_every_parameter_through_the_xl_cache_and_memory_but_stop_at_what_they_hold():
+    torch.manual_seed(0)
+    model = MemorizingTransformer(MemorizingConfig(vocab_size=64, dim=32, depth=2, heads=2, max_memories=64, topk=4,
+                                                   memory_layers=[1], xl_cache=True))
+    ids = torch.randint(64, (2, 48))
+    model(ids[:, :16])
+    model(ids[:, 16:32])  # the first segment has left the XL cache: it is in memory now
+    layer = model.blocks[1].attn
+    assert layer.memory.counts.tolist() == [16, 16]
+    assert not layer.memory.keys.requires_grad and not layer.cache.entry[0].requires_grad  # stored detached
+    torch.nn.functional.cross_entropy(model(ids[:, 32:-1]).logits.reshape(-1, 64), ids[:, 33:].reshape(-1)).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert missing == []  # the gate and memory scale too: the memory branch is on the loss's path
