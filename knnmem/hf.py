@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")
-FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Qwen3, Gemma (1)"
+# Rotary families whose rotation is Llama's (rotate_half over halves, which `knnmem.positions`
+# undoes) and whose attention has no logit soft-capping: Gemma 2/3 (soft-capping), Cohere and
+# Helium (interleaved rotation) are left out on purpose.
+SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2",
+                         "granite")
+FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Qwen3, Gemma (1), Phi-3, OLMo, OLMo 2, Granite"
 
 
 def model_type(model: nn.Module) -> str | None:

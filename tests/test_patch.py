@@ -30,7 +30,7 @@ def tiny(family: str):
 FAMILIES = ["gpt2", "gpt_neox", "llama"]
 # Llama-like families (q/k/v/o projections, rotary): Qwen3 normalises q and k per head, Gemma scales
 # its embeddings and has its own head_dim; all go through transformers' attention interface.
-LLAMA_LIKE = ["mistral", "qwen2", "qwen3", "gemma"]
+LLAMA_LIKE = ["mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "granite"]
 
 
 def tiny_llama_like(family: str):
@@ -39,8 +39,14 @@ def tiny_llama_like(family: str):
     torch.manual_seed(0)
     config = AutoConfig.for_model(family, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
                                   num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=VOCAB,
-                                  max_position_embeddings=256)
+                                  max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_families_whose_attention_memory_would_misread_are_refused(family):
+    with pytest.raises(TypeError, match=f"model_type='{family}'"):
+        knnmem.patch(tiny_llama_like(family))
 
 
 @pytest.mark.parametrize("family", LLAMA_LIKE)

@@ -92,7 +92,7 @@ def _llama_like(family):
         torch.manual_seed(0)
         config = AutoConfig.for_model(family, hidden_size=48, num_hidden_layers=layers, num_attention_heads=6,
                                       num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=100,
-                                      max_position_embeddings=256)
+                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
         return AutoModelForCausalLM.from_config(config).eval()
     make.__name__ = family
     return make
@@ -117,7 +117,8 @@ def test_cached_reader_is_one_pass_attention_over_each_segment_and_its_context(m
     torch.testing.assert_close(cached, reference[:, :cached.shape[1]], atol=2e-6, rtol=1e-5)  # fp32
 
 
-@pytest.mark.parametrize("make", [_llama_layers, _neox, _llama_like("qwen3"), _llama_like("gemma")])
+@pytest.mark.parametrize("make", [_llama_layers, _neox, _llama_like("qwen3"), _llama_like("gemma"), _llama_like("phi3"),
+                                  _llama_like("olmo2")])
 @pytest.mark.parametrize("context, sinks, memory", [(0, 0, False), (16, 0, False), (40, 0, False), (16, 4, False),
                                                     (0, 0, True), (16, 0, True), (40, 4, True)])
 def test_cached_reader_equals_the_recomputing_reader_where_their_semantics_meet(make, context, sinks, memory):
