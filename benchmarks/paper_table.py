@@ -11,6 +11,8 @@ Configurations (Wu et al. 2022, Table 4's rows at a size that fits the budget):
 - xl: plus a Transformer-XL cache of the previous segment.
 - wide-Nx: a vanilla model whose window is N segments (the segment plus a recomputed context).
 - memory-<M>+xl: XL cache plus one kNN memory layer at 75% depth holding M tokens.
+- NAME-fresh (--fresh): the same XL model trained with its cache recomputed by the current weights
+  before each segment (`TrainSettings.refresh_cache`); the cache of `xl` is one optimizer step old.
 
 Corpora: `bytes` (the standard library's largest .py files as UTF-8 bytes, pieces of
 `--doc-tokens`, train/validation split by file) or `recurring` (`knnmem.synthetic.recurring_spans`:
@@ -73,16 +75,19 @@ def utf8_bytes(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def configurations(args) -> dict[str, tuple[MemorizingConfig, int]]:
-    """name -> (model config, local context of the reader)."""
+def configurations(args) -> dict[str, tuple[MemorizingConfig, int, bool]]:
+    """name -> (model config, local context of the reader, refresh the XL cache in training)."""
     base = dict(vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads, topk=args.topk)
     configs = {
-        "vanilla": (MemorizingConfig(**base, memory_layers=[]), 0),
-        "xl": (MemorizingConfig(**base, memory_layers=[], xl_cache=True), 0),
-        f"wide-{args.wide}x": (MemorizingConfig(**base, memory_layers=[]), (args.wide - 1) * args.segment),
+        "vanilla": (MemorizingConfig(**base, memory_layers=[]), 0, False),
+        "xl": (MemorizingConfig(**base, memory_layers=[], xl_cache=True), 0, False),
+        f"wide-{args.wide}x": (MemorizingConfig(**base, memory_layers=[]), (args.wide - 1) * args.segment, False),
     }
     for size in args.memory_sizes:
-        configs[f"memory-{size}+xl"] = (MemorizingConfig(**base, max_memories=size, xl_cache=True), 0)
+        configs[f"memory-{size}+xl"] = (MemorizingConfig(**base, max_memories=size, xl_cache=True), 0, False)
+    if args.fresh:  # the same models trained with caches recomputed by the current weights
+        configs.update({f"{name}-fresh": (config, context, True) for name, (config, context, _) in list(configs.items())
+                        if config.xl_cache})
     return configs
 
 
@@ -110,13 +115,13 @@ def scores(losses: torch.Tensor, distances: torch.Tensor | None, distance_list: 
     return result
 
 
-def train_one(args, name: str, config: MemorizingConfig, context: int, seed: int, data) -> dict:
+def train_one(args, config: MemorizingConfig, context: int, refresh: bool, seed: int, data) -> dict:
     train_docs, val_docs, val_distances = data
     torch.manual_seed(seed)
     model = MemorizingTransformer(config).to(args.device)
     settings = TrainSettings(steps=args.steps, lr=args.lr, lr_memory=None, warmup=args.warmup,
                              batch_size=args.batch_size, segment=args.segment, context=context,
-                             validate_every=args.validate_every, save_every=0, seed=seed)
+                             validate_every=args.validate_every, save_every=0, seed=seed, refresh_cache=refresh)
     start = time.perf_counter()
     log = train(model, train_docs, settings, validation_documents=val_docs if args.validate_every else None)
     seconds = time.perf_counter() - start
@@ -223,6 +228,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wide", type=int, default=4, help="window of the wide vanilla model, in segments")
     p.add_argument("--memory-sizes", type=int, nargs="*", default=[1536, 8192])
     p.add_argument("--configs", nargs="*", default=None, help="names to run (default: all)")
+    p.add_argument("--fresh", action="store_true",
+                   help="also every XL configuration trained with its cache recomputed by the current weights (NAME-fresh)")
     p.add_argument("--doc-tokens", type=int, default=8192, help="tokens per training/validation document")
     p.add_argument("--max-docs", type=int, default=400)
     p.add_argument("--val-docs", type=int, default=8)
@@ -256,14 +263,14 @@ def main() -> None:
         result["documents"] = {"train": len(data[0]), "validation": len(data[1]), "tokens_each": args.doc_tokens}
         print(f"seed {seed}: {len(data[0])} training / {len(data[1])} validation documents of {args.doc_tokens} "
               f"tokens; {args.steps} steps of {args.batch_size} x {args.segment} tokens each", flush=True)
-        for name, (config, context) in configs.items():
+        for name, (config, context, refresh) in configs.items():
             if args.configs and name not in args.configs:
                 continue
-            run = train_one(args, name, config, context, seed, data)
+            run = train_one(args, config, context, refresh, seed, data)
             entry = result["configs"].setdefault(name, {
                 "context": context, "memory_layers": config.resolved_memory_layers(),
                 "max_memories": config.max_memories if config.resolved_memory_layers() else 0,
-                "xl_cache": config.xl_cache, "parameters": sum(p.numel() for p in MemorizingTransformer(config).parameters()),
+                "xl_cache": config.xl_cache, "refresh_cache": refresh, "parameters": sum(p.numel() for p in MemorizingTransformer(config).parameters()),
                 "seeds": []})
             entry["seeds"].append(run)
             entry["summary"] = summarise(entry["seeds"])

@@ -117,6 +117,18 @@ class MemorizingTransformer(nn.Module):
         for block in self.blocks:
             block.attn.reset_memory(rows)
 
+    @torch.no_grad()
+    def refresh_cache(self, previous: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Recompute every layer's XL cache from `previous` (B, T), the segment it holds, with the
+        current weights (training: a cache computed before the last optimizer step is stale).
+        The stale entry is dropped, not written to memory; `previous` reads memory as before, and
+        enters memory when the next segment is read. No-op without an XL cache."""
+        if not self.config.xl_cache:
+            return
+        for block in self.blocks:
+            block.attn.cache.entry = None
+        self(previous, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 use_cache: bool = False) -> LMOutput:
         """input_ids: (B, T) int64; attention_mask: optional (B, T), 0 = padding. `use_cache` is

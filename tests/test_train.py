@@ -317,3 +317,28 @@ def test_gradients_reach_every_parameter_through_the_xl_cache_and_memory_but_sto
     torch.nn.functional.cross_entropy(model(ids[:, 32:-1]).logits.reshape(-1, 64), ids[:, 33:].reshape(-1)).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
     assert missing == []  # the gate and memory scale too: the memory branch is on the loss's path
+
+
+def test_refresh_cache_recomputes_the_xl_cache_with_current_weights_and_writes_no_memory():
+    torch.manual_seed(0)
+    model, memory_layer, _ = _xl_memory_model_counting_memories()
+    ids = torch.randint(64, (2, 48))
+    with torch.no_grad():
+        model(ids[:, :16])
+        model(ids[:, 16:32])
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # an optimizer step: the cache of ids[:, 16:32] is stale now
+        stored = memory_layer.memory.counts.tolist()
+        model.refresh_cache(ids[:, 16:32])
+        assert memory_layer.memory.counts.tolist() == stored  # the stale entry was dropped, not written
+        first = model.blocks[0].attn
+        k = first.k_proj(model.blocks[0].norm1(model.embed(ids[:, 16:32])))
+        torch.testing.assert_close(first.cache.entry[0], k.view(2, 16, 4, 8).transpose(1, 2))  # current weights
+    log = train(model, [recurring_spans(128, 64, [8, 40], span=8, copied=0.25,
+                                        generator=torch.Generator().manual_seed(i))[0] for i in range(2)],
+                TrainSettings(steps=3, lr=1e-3, lr_memory=None, warmup=1, segment=16, batch_size=2, refresh_cache=True),
+                progress=False)
+    assert len(log["history"]) == 3
+    with pytest.raises(ValueError, match="refresh_cache=True needs a model with XL caches"):
+        train(torch.nn.Linear(2, 2), [torch.zeros(64, dtype=torch.long)] * 2,
+              TrainSettings(steps=1, segment=16, batch_size=1, refresh_cache=True), progress=False)

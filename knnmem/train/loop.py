@@ -37,7 +37,7 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.json"
 # Settings a resumed run must share with the run it continues (they decide data and schedule).
 _RESUME_FIXED = ("steps", "lr", "lr_memory", "warmup", "min_lr_ratio", "weight_decay", "accumulate",
-                 "batch_size", "segment", "context", "seed")
+                 "batch_size", "segment", "context", "seed", "refresh_cache")
 
 
 @dataclass
@@ -48,7 +48,9 @@ class TrainSettings:
     accumulate: windows per optimizer step. batch_size: documents read side by side.
     segment: scored tokens per window; context: local-context tokens before it (`knnmem.stream`).
     validate_every / save_every: steps between validations / checkpoints (at batch ends; 0: only
-    at the end)."""
+    at the end). refresh_cache: before each window, recompute the XL caches of a model that keeps
+    them (`MemorizingTransformer.refresh_cache`) with the current weights: one more forward
+    without gradient per window, and no stale cache (see the README's from-scratch section)."""
 
     steps: int = 300
     lr: float = 1e-4
@@ -64,6 +66,7 @@ class TrainSettings:
     validate_every: int = 100
     save_every: int = 100
     seed: int = 0
+    refresh_cache: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "accumulate", "batch_size", "segment"):
@@ -75,6 +78,8 @@ class TrainSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         check_int("seed", self.seed, 0, 2 ** 32 - 1)
+        if not isinstance(self.refresh_cache, bool):
+            raise ValueError(f"refresh_cache must be True or False, got {self.refresh_cache!r}")
         for name in ("lr", "lr_memory"):
             value = getattr(self, name)
             if not (value is None and name == "lr_memory") and not check_number(name, value) > 0:
@@ -213,6 +218,9 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
     docs = _stack(train_documents, "train_documents")
     if validation_documents is not None:
         _stack(validation_documents, "validation_documents")
+    if settings.refresh_cache and not hasattr(model, "refresh_cache"):
+        raise ValueError(f"refresh_cache=True needs a model with XL caches of its own (MemorizingTransformer), "
+                         f"not a {type(model).__name__}")
     if docs.shape[1] < settings.segment + 1:
         raise ValueError(f"documents of {docs.shape[1]} tokens are shorter than one segment ({settings.segment}) + 1")
     world, rank = _world()
@@ -234,7 +242,8 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
         if output is None or not os.path.exists(os.path.join(output, STATE_FILE)):
             raise ValueError(f"resume=True needs a checkpoint in output ({output!r} has no {STATE_FILE})")
         state = _read_state(os.path.join(output, STATE_FILE))
-        changed = [k for k in _RESUME_FIXED if state["settings"].get(k) != getattr(settings, k)]
+        defaults = TrainSettings()  # a checkpoint older than a setting ran with its default
+        changed = [k for k in _RESUME_FIXED if state["settings"].get(k, getattr(defaults, k)) != getattr(settings, k)]
         if changed:
             raise ValueError(f"cannot resume with different {changed}: the checkpoint has "
                              f"{ {k: state['settings'].get(k) for k in changed} }")
@@ -271,6 +280,8 @@ def train(model: nn.Module, train_documents: list[torch.Tensor], settings: Train
         pending, losses = 0, []
         for i, w in enumerate(spans):
             with autocast:
+                if settings.refresh_cache and i:
+                    model.refresh_cache(batch[:, spans[i - 1].a:spans[i - 1].b].to(device))
                 loss, n = _window_loss(model, batch, w)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {state['step'] + 1}: stopped "
