@@ -3,6 +3,7 @@ written here in a few lines of torch (no knnmem code), on the same copy task, in
 
     python benchmarks/copy_emergence.py                    # CPU: 1,500 steps each (about 15 minutes)
     python benchmarks/copy_emergence.py --steps 20000 --batch-size 64 --device cuda
+    python benchmarks/copy_emergence.py --distance 48 --steps 400 --batch-size 16 --models knnmem  # by position
 
 The task (the control corpus's mechanism, in one segment): sequences of `--length` random tokens in
 which one span of `--span` tokens recurs at a random distance in [span, 2 span]. A copied token can
@@ -73,7 +74,7 @@ def batch(args, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(args.vocab, (args.batch_size, args.length), generator=g)
     copied = torch.zeros_like(ids, dtype=torch.bool)
     for row in range(args.batch_size):
-        d = int(torch.randint(args.span, 2 * args.span + 1, (1,), generator=g))
+        d = args.distance or int(torch.randint(args.span, 2 * args.span + 1, (1,), generator=g))
         start = int(torch.randint(d, args.length - args.span + 1, (1,), generator=g))
         ids[row, start:start + args.span] = ids[row, start - d:start - d + args.span]
         copied[row, start + 1:start + args.span] = True
@@ -88,6 +89,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--span", type=int, default=32)
+    p.add_argument("--distance", type=int, default=0,
+                   help="a fixed distance back (learnable by position alone); 0: random in [span, 2 span]")
+    p.add_argument("--models", nargs="+", choices=["knnmem", "reference"], default=["knnmem", "reference"])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -98,6 +102,8 @@ def main() -> None:
     args = p.parse_args()
     if not 3 * args.span <= args.length:
         p.error(f"--length must be at least 3 x --span ({3 * args.span}), got {args.length}")
+    if args.distance and not args.span <= args.distance <= args.length - args.span:
+        p.error(f"--distance must be in [--span, --length - --span], got {args.distance}")
     models = {
         "knnmem": lambda: MemorizingTransformer(MemorizingConfig(vocab_size=args.vocab, dim=args.dim, depth=args.depth,
                                                                  heads=args.heads, memory_layers=[])),
@@ -105,6 +111,8 @@ def main() -> None:
     }
     result = {"machine": machine_info(), "settings": vars(args), "chance": math.log(args.vocab), "models": {}}
     for name, make in models.items():
+        if name not in args.models:
+            continue
         torch.manual_seed(args.seed)
         model = make().to(args.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)

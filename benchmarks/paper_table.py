@@ -61,8 +61,8 @@ PRESETS = {
     "curve": dict(steps=1600, validate_every=200, configs=["vanilla", "xl", "wide-2x", "memory-1536+xl"], wide=2,
                   max_docs=1000),
     # one H100/H200, a few minutes in all (the GPU suite): wider, deeper, longer segments and documents
-    "gpu": dict(dim=384, depth=8, heads=6, segment=512, batch_size=16, steps=300, doc_tokens=16384,
-                memory_sizes=[2048, 8192], configs=["vanilla", "xl", "memory-2048+xl", "memory-8192+xl"],
+    "gpu": dict(dim=384, depth=8, heads=6, segment=512, batch_size=16, steps=300, doc_tokens=16384, fresh=True,
+                memory_sizes=[8192], configs=["vanilla", "xl", "memory-8192+xl", "xl-fresh", "memory-8192+xl-fresh"],
                 max_docs=400, val_docs=16, warmup=30, lr=1e-3),
     # the GPU suite's rehearsal on a CPU: every code path, tiny
     "rehearse": dict(dim=32, depth=2, heads=2, segment=32, batch_size=2, steps=4, doc_tokens=256, memory_sizes=[128],
