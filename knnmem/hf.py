@@ -9,11 +9,18 @@ from __future__ import annotations
 from torch import nn
 
 # Rotary families whose rotation is Llama's (rotate_half over halves, which `knnmem.positions`
-# undoes) and whose attention has no logit soft-capping: Gemma 2/3 (soft-capping), Cohere and
-# Helium (interleaved rotation) are left out on purpose.
+# undoes) and whose attention has no logit soft-capping, and absolute-position families (GPT-2, OPT).
 SUPPORTED_MODEL_TYPES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2",
-                         "granite")
-FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Qwen3, Gemma (1), Phi-3, OLMo, OLMo 2, Granite"
+                         "granite", "opt")
+FAMILIES = "GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Qwen3, Gemma (1), Phi-3, OLMo, OLMo 2, Granite, OPT"
+# Families left out on purpose, and why: memory layers would read them wrongly, silently.
+REFUSED_WHY = {
+    "gemma2": "its attention soft-caps the logits (attn_logit_softcapping), which memory layers do not apply",
+    "gemma3": "its attention soft-caps the logits and mixes sliding-window layers with different rotary bases",
+    "cohere": "its rotary embedding rotates interleaved pairs, not halves: stored keys would be un-rotated wrongly",
+    "helium": "its rotary embedding rotates interleaved pairs, not halves: stored keys would be un-rotated wrongly",
+    "gptj": "its rotary embedding rotates interleaved pairs, not halves: stored keys would be un-rotated wrongly",
+}
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -24,8 +31,9 @@ def check_supported(model: nn.Module, what: str) -> str:
     """The model's type, or TypeError naming `what` (the caller) if knnmem does not support it."""
     kind = model_type(model)
     if kind not in SUPPORTED_MODEL_TYPES:
+        why = f": not supported because {REFUSED_WHY[kind]}" if kind in REFUSED_WHY else ""
         raise TypeError(f"{what} supports transformers models of types {SUPPORTED_MODEL_TYPES} ({FAMILIES}), "
-                        f"got {type(model).__name__} (model_type={kind!r})")
+                        f"got {type(model).__name__} (model_type={kind!r}){why}")
     return kind
 
 

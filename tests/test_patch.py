@@ -43,10 +43,29 @@ def tiny_llama_like(family: str):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "cohere"])
-def test_families_whose_attention_memory_would_misread_are_refused(family):
-    with pytest.raises(TypeError, match=f"model_type='{family}'"):
+@pytest.mark.parametrize("family, why", [("gemma2", "soft-caps the logits"), ("cohere", "interleaved pairs")])
+def test_families_whose_attention_memory_would_misread_are_refused_with_the_reason(family, why):
+    with pytest.raises(TypeError, match=f"model_type='{family}'.*{why}"):
         knnmem.patch(tiny_llama_like(family))
+
+
+def test_opt_patches_reads_memory_and_unpatches_exactly():
+    """OPT: absolute learned positions (as GPT-2), attention through AttentionInterface."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, ffn_dim=64,
+                                     word_embed_proj_dim=48, vocab_size=VOCAB, max_position_embeddings=256,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    ids, mask = _padded_batch()
+    real = mask.bool()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        knnmem.patch(model, mode="gate", gate_init=0.0)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[real], reference[real], atol=ATOL, rtol=0)
+        assert (model(ids, attention_mask=mask).logits[real] - reference[real]).abs().max() > 1e-3  # memory is read
+        knnmem.unpatch(model)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", LLAMA_LIKE)
