@@ -137,8 +137,8 @@ def _fwd_kernel(Q, K, V, MQ, MK, MV, IDX, KPM, GATE, MSCALE, OUT, OL, OM, LSE_L,
     if JOINT:
         mx = tl.maximum(lse_l, lse_m)
         mx_safe = tl.where(mx == -float("inf"), 0.0, mx)
-        both = mx_safe + tl.log(tl.exp(lse_l - mx_safe) + tl.exp(lse_m - mx_safe))
-        both = tl.where(both == -float("inf"), 0.0, both)
+        total = tl.exp(lse_l - mx_safe) + tl.exp(lse_m - mx_safe)  # 0 where the query may attend to nothing
+        both = tl.where(total > 0, mx_safe + tl.log(tl.where(total > 0, total, 1.0)), 0.0)
         out = tl.exp(lse_l - both)[:, None] * o_l + tl.exp(lse_m - both)[:, None] * o_m
     else:
         g = tl.sigmoid(tl.load(GATE + h).to(tl.float32))
