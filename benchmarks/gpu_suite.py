@@ -208,6 +208,14 @@ STEPS = {"env": step_env, "kernel_tests": step_kernel_tests, "kernel_bench": ste
          "store": step_store, "train": step_train, "cost": step_cost}
 
 
+def deadlines(steps: list[str], budget: float, start: float) -> dict[str, float]:
+    """When each chosen step must stop: `budget` shared by the steps that run, in SHARES' ratios;
+    time a step leaves unused carries over to the next."""
+    chosen = [s for s in STEPS if s in steps]  # in the suite's order
+    scale = budget / sum(SHARES[s] for s in chosen)
+    return {name: start + scale * sum(SHARES[s] for s in chosen[:i + 1]) for i, name in enumerate(chosen)}
+
+
 def write(path: str, payload: dict) -> None:
     """Atomic: a rerun or a stop mid-write never leaves half a file."""
     tmp = path + ".tmp"
@@ -221,7 +229,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/gpu, or "
                                                "/tmp/knnmem_rehearsal with --rehearse)")
     p.add_argument("--budget", type=float, default=sum(SHARES.values()),
-                   help="seconds for all steps, shared as SHARES says (default %(default)s)")
+                   help="seconds for the steps that run, shared as SHARES says (default %(default)s)")
     p.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS), help="steps to run, in order")
     p.add_argument("--rehearse", action="store_true", help="every step on tiny shapes, on a CPU")
     args = p.parse_args()
@@ -235,14 +243,12 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before knnmem.kernels is first imported
     args.out = args.out or ("/tmp/knnmem_rehearsal" if args.rehearse else os.path.join(HERE, "results", "gpu"))
     os.makedirs(args.out, exist_ok=True)
-    scale = args.budget / sum(SHARES.values())
     start = time.monotonic()
+    stops = deadlines(args.steps, args.budget, start)
     summary = {"device": device_name(), "rehearse": args.rehearse, "budget_s": args.budget, "steps": {}}
-    for name in args.steps:
+    for name in stops:
         step_start = time.monotonic()
-        # Unused time of earlier steps carries over; the rehearsal stops nothing at a deadline.
-        deadline = float("inf") if args.rehearse else start + scale * sum(
-            SHARES[s] for s in list(STEPS)[:list(STEPS).index(name) + 1])
+        deadline = float("inf") if args.rehearse else stops[name]  # the rehearsal stops nothing at a deadline
         print(f"== {name} (until {deadline - start:.0f} s into the suite)", flush=True)
         try:
             payload, status = STEPS[name](args, deadline), "ok"

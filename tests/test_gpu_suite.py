@@ -51,3 +51,14 @@ def test_suite_refuses_a_cpu_without_rehearse_and_a_bad_budget():
     for extra, message in cases:
         done = subprocess.run([sys.executable, SUITE, *extra], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_the_budget_is_shared_by_the_steps_that_run_in_the_suites_order():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_suite
+
+    every = gpu_suite.deadlines(list(gpu_suite.STEPS), 480.0, start=0.0)
+    assert list(every) == list(gpu_suite.STEPS) and every["cost"] == pytest.approx(480.0)
+    assert every["env"] == pytest.approx(gpu_suite.SHARES["env"] * 480.0 / sum(gpu_suite.SHARES.values()))
+    two = gpu_suite.deadlines(["store", "env"], 60.0, start=100.0)
+    assert list(two) == ["env", "store"] and two["store"] == pytest.approx(160.0)  # all 60 s, not a share of 480
