@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -52,21 +51,14 @@ def device_name() -> str:
 
 def step_env(args, deadline: float) -> dict:
     import torch
-    import triton
 
     from bench_kernel import copy_bandwidth
     from common import machine_info
 
-    try:
-        import faiss
-
-        faiss_version = faiss.__version__
-    except ImportError:
-        faiss_version = None
-    result = {"machine": machine_info(), "python": platform.python_version(), "torch": torch.__version__,
-              "triton": triton.__version__, "faiss": faiss_version, "cuda": torch.version.cuda}
+    # machine_info: platform, Python, torch, transformers, triton, FAISS (None if absent), device
+    result = {"machine": machine_info(), "cuda": torch.version.cuda}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result["copy_bandwidth_GBps"] = copy_bandwidth(device, 1 << 28 if device == "cuda" else 1 << 22)
+    result["copy_bandwidth_GBps"] = copy_bandwidth(device)
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -77,6 +69,17 @@ def step_env(args, deadline: float) -> dict:
     return result
 
 
+def run_child(command: list[str], deadline: float) -> tuple[int | None, str]:
+    """(return code, output) of `command` run in the repository until `deadline`; return code
+    None if it was stopped there (its output so far is kept)."""
+    timeout = remaining(deadline)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        return done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as err:
+        return None, f"stopped at the time budget ({timeout:.0f} s)\n" + (err.stdout or b"").decode(errors="replace")
+
+
 def step_kernel_tests(args, deadline: float) -> dict:
     """pytest over tests/test_kernel.py in a child process (the rehearsal: a few cases)."""
     junit = os.path.join(args.out, "kernel_tests.xml")
@@ -84,12 +87,7 @@ def step_kernel_tests(args, deadline: float) -> dict:
                f"--junitxml={junit}"]
     if args.rehearse:
         command += ["-k", "memory_branch_alone or all_memory_empty or errors_are_clear"]
-    timeout = remaining(deadline)
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        returncode, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as err:
-        returncode, output = None, f"timed out after {timeout:.0f} s\n" + (err.stdout or b"").decode(errors="replace")
+    returncode, output = run_child(command, deadline)
     counts = {}
     if os.path.exists(junit):
         import xml.etree.ElementTree as ET
@@ -120,6 +118,8 @@ def step_store(args, deadline: float) -> dict:
 
     import bench_memory
 
+    from knnmem.eval.report import faiss_version
+
     gpu = torch.cuda.is_available()
     sizes = [1024, 4096] if args.rehearse else [8192, 65536, 262144, 1048576]
     candidates = (["exact@cuda", "exact@cuda/float16"] if gpu else ["exact", "exact/float16"])
@@ -127,18 +127,10 @@ def step_store(args, deadline: float) -> dict:
                                  dim=64, k=32, queries=64 if args.rehearse else 2048, repeat=2)
     # The machine's own CPU beside the GPU at one size (exact and, with FAISS, flat), same queries.
     cpu = argparse.Namespace(**{**vars(options), "sizes": [sizes[1]],
-                                "backends": ["exact"] + (["flat"] if _has_faiss() else [])})
+                                "backends": ["exact"] + (["flat"] if faiss_version() else [])})
     cpu_rows = bench_memory.sweep(cpu) if gpu else []
     rows = bench_memory.sweep(options, deadline)
     return {"parameters": {k: v for k, v in vars(options).items()}, "sweep": rows, "cpu_beside": cpu_rows}
-
-
-def _has_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def step_train(args, deadline: float) -> dict:
@@ -149,13 +141,7 @@ def step_train(args, deadline: float) -> dict:
     for preset in (["rehearse"] if args.rehearse else ["gpu", "control-gpu"]):
         out = os.path.join(args.out, f"train_{preset}.json")
         command = [sys.executable, os.path.join(HERE, "paper_table.py"), "--preset", preset, "--out", out, "--no-plot"]
-        timeout = remaining(deadline)
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-            returncode, output = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as err:
-            returncode = None
-            output = f"stopped at the time budget ({timeout:.0f} s)\n" + (err.stdout or b"").decode(errors="replace")
+        returncode, output = run_child(command, deadline)
         table = None
         if os.path.exists(out):
             with open(out) as f:

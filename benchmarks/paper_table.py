@@ -47,16 +47,17 @@ from knnmem.train import TrainSettings, token_losses, train  # noqa: E402
 PAPER = {"arxiv": {"vanilla": 3.29, "xl": 2.67, "memory-65536+xl": 2.31},
          "pg19": {"vanilla": 13.71, "xl": 12.34, "memory-65536+xl": 11.62}}
 
+# The known-answer control (--preset control): its corpus, models and CPU budget.
+CONTROL = dict(corpus="recurring", vocab=512, depth=2, span=16, copied=0.3, distances=[16, 16, 192, 768, 3072],
+           memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
+           batch_size=16, steps=800, max_docs=240, val_docs=8, warmup=30, lr=1e-3)
+
 PRESETS = {
     "cpu": {},  # the defaults below: real bytes, 0.8M parameters, minutes per configuration on 2 cores
     # the known answer: every model can learn to copy within its segment; only its reach differs
-    "control": dict(corpus="recurring", vocab=512, depth=2, span=16, copied=0.3, distances=[16, 16, 192, 768, 3072],
-                    memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
-                    batch_size=16, steps=800, max_docs=240, val_docs=8, warmup=30, lr=1e-3),
+    "control": CONTROL,
     # the control where copying can emerge (one H100/H200, about 2 minutes; see copy_emergence.py)
-    "control-gpu": dict(corpus="recurring", vocab=512, depth=2, span=16, copied=0.3, distances=[16, 16, 192, 768, 3072],
-                        memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
-                        batch_size=32, steps=6000, max_docs=800, val_docs=16, warmup=100, lr=1e-3),
+    "control-gpu": {**CONTROL, "batch_size": 32, "steps": 6000, "max_docs": 800, "val_docs": 16, "warmup": 100},
     # the budget curve on real bytes: validation along the way, 4x the default budget
     "curve": dict(steps=1600, validate_every=200, configs=["vanilla", "xl", "wide-2x", "memory-1536+xl"], wide=2,
                   max_docs=1000),

@@ -8,10 +8,11 @@ import time
 from .scoring import uses_memory
 
 
-def _faiss_version() -> str | None:
+def faiss_version() -> str | None:
+    """FAISS's version, or None where it is not installed (a GPU machine: exact search only)."""
     try:
         import faiss
-    except ImportError:  # a GPU machine without FAISS: exact search only
+    except ImportError:
         return None
     return faiss.__version__
 
@@ -23,7 +24,7 @@ def environment() -> dict:
     return {
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "faiss": _faiss_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "faiss": faiss_version(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
