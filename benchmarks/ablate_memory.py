@@ -1,11 +1,12 @@
 """Where memory sits and what it returns, measured: xl+memory under each setting, on the calibration
 documents (never the eval's), beside its local-only twin xl, in one run.
 
-    python benchmarks/ablate_memory.py [--max-tokens 16384] [--only NAME ...]
+    python benchmarks/ablate_memory.py [--max-tokens 16384] [--context 512] [--only NAME ...]
         [--json benchmarks/results/ablation_cpu.json]
 
 Every setting starts from the retrofit of the bundled model as it was calibrated (its committed head
-calibration, constant distance 512, top-32, joint softmax, 64 pinned tokens) and changes one or two things.
+calibration, constant distance 512, patch's default top-k, joint softmax, 64 pinned tokens) and changes
+what it names (rows name the distance and top-k they use; top-k was 32 when the first rows were run).
 """
 from __future__ import annotations
 
@@ -37,16 +38,20 @@ SETTINGS = {
     "distance 2048, memory bias -1": {"distance": 2048, "memory_bias": -1.0},
     "distance 2048, memory bias -2": {"distance": 2048, "memory_bias": -2.0},
     "distance 2048, memory bias -4": {"distance": 2048, "memory_bias": -4.0},
+    "distance 2048, top-8, neighbours 1": {"distance": 2048, "topk": 8, "neighbours": 1},
+    "distance 2048, top-8, neighbours 2": {"distance": 2048, "topk": 8, "neighbours": 2},
+    "distance 2048, top-4, neighbours 2": {"distance": 2048, "topk": 4, "neighbours": 2},
+    "distance 2048, top-2, neighbours 4": {"distance": 2048, "topk": 2, "neighbours": 4},
 }
 
 
-def perplexity(model, documents, kind: str) -> tuple[list[float], float]:
-    """(perplexity per document, seconds) of `kind` over `documents`."""
+def perplexity(model, documents, kind: str, context: int | None) -> tuple[list[float], float]:
+    """(perplexity per document, seconds) of `kind` over `documents`, with `context` local tokens."""
     start, ppls = time.perf_counter(), []
     for ids in documents:
         if getattr(model, "knnmem", None) is not None:
             model.knnmem.reset()
-        ppls.append(math.exp(float(score_document(model, ids, kind, 512).mean())))
+        ppls.append(math.exp(float(score_document(model, ids, kind, 512, context=context).mean())))
     return ppls, time.perf_counter() - start
 
 
@@ -55,6 +60,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--only", nargs="*", help="names of SETTINGS to run (default: all)")
     parser.add_argument("--json", default="benchmarks/results/ablation_cpu.json")
+    parser.add_argument("--context", type=int, default=None,
+                        help="local context of xl and xl+memory (default: one segment, 512 tokens)")
     parser.add_argument("--no-baseline", action="store_true", help="skip xl (already measured in another run)")
     args = parser.parse_args()
     model, tokenizer, description = load_model()
@@ -63,7 +70,7 @@ def main() -> None:
     calibrated = saved_settings(BUNDLED_CALIBRATION)["heads"]
     rows = {}
     if not args.no_baseline:
-        ppls, seconds = perplexity(model, documents, "xl")
+        ppls, seconds = perplexity(model, documents, "xl", args.context)
         rows["xl (local only)"] = {"ppl": ppls, "tokens_per_s": tokens / seconds}
         print(f"{'xl (local only)':<46} code {ppls[0]:.3f}  prose {ppls[1]:.3f}  {tokens / seconds:6.1f} tokens/s",
               flush=True)
@@ -72,12 +79,13 @@ def main() -> None:
             continue
         options = {"heads": calibrated, "distance": 512, **change}
         knnmem.patch(model, **options)
-        ppls, seconds = perplexity(model, documents, "xl+memory")
+        ppls, seconds = perplexity(model, documents, "xl+memory", args.context)
         knnmem.unpatch(model)
         rows[name] = {"ppl": ppls, "tokens_per_s": tokens / seconds, "settings": change}
         print(f"{name:<46} code {ppls[0]:.3f}  prose {ppls[1]:.3f}  {tokens / seconds:6.1f} tokens/s", flush=True)
     write_json(args.json, {"model": description, "documents": ["tkinter/__init__.py (code)",
                            "pydoc_data/topics.py from token 131072 (prose)"], "max_tokens": args.max_tokens,
+                           "local_context": 512 if args.context is None else args.context,
                            "calibrated_heads": len(calibrated), "results": rows, "machine": machine_info()})
 
 

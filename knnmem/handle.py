@@ -36,6 +36,7 @@ from .positions import POLICIES, RotaryPlacement
 GATE, SCALE = "knn_gate", "knn_memory_scale"  # the parameters `patch` adds to each memory layer
 DEFAULT_DISTANCE = 2048  # where memories sit: beyond the default local window (ablation: README)
 DEFAULT_TOPK = 8  # memories retrieved per query and head (ablation: README)
+DEFAULT_NEIGHBOURS = 0  # stored tokens read on each side of a hit (ablation: README)
 _HANDLE_FORMAT = 2
 _LAYER_FILE = re.compile(r"layer_(\d+)\.[0-9a-f]{12}\.safetensors")
 
@@ -56,6 +57,7 @@ class PatchSettings:
     pinned: int = DEFAULT_PINNED
     heads: tuple[tuple[int, int], ...] | None = None  # (layer, query head) pairs with memory; None: all
     memory_bias: float = 0.0  # log-weight of every memory in the joint softmax (`knnmem.functional`)
+    neighbours: int = DEFAULT_NEIGHBOURS  # stored tokens read on each side of every hit (`KNNMemory.with_neighbours`)
 
     def __post_init__(self) -> None:
         if not isinstance(self.layers, tuple) or not self.layers:
@@ -80,6 +82,7 @@ class PatchSettings:
         check_int("distance", self.distance, minimum=0)
         check_memory_options(self.max_memories, self.memory_backend, self.pinned)
         check_memory_bias(self.memory_bias, self.mode)
+        check_int("neighbours", self.neighbours, minimum=0)
 
     def as_dict(self) -> dict:
         """JSON-ready keyword arguments of `knnmem.patch`."""
@@ -409,6 +412,8 @@ class MemoryHandle:
             indices[:, searched] = found
         else:  # nothing to retrieve: no search
             indices = torch.full((B, Hq, T, 1), -1, dtype=torch.long, device=query.device)
+        if len(memory) and settings.neighbours:
+            indices = memory.with_neighbours(indices, settings.neighbours)
         self.last_indices[layer] = indices
         gate, memory_scale = getattr(module, GATE), getattr(module, SCALE)
         if plan is not None:

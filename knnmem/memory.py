@@ -235,6 +235,32 @@ class KNNMemory:
         scores, indices = self._search.search(grouped, k)
         return scores.reshape(B, Hq, T, k), indices.reshape(B, Hq, T, k)
 
+    def with_neighbours(self, indices: torch.Tensor, n: int) -> torch.Tensor:
+        """Each found slot with the stored tokens up to `n` before and after it in its document.
+
+        indices: (B, Hq, T, k) slots (-1 = empty) -> (B, Hq, T, k * (2n + 1)) slots, each at most once
+        per query (in slot order), -1 elsewhere. Neighbours are by position in the document, not by
+        slot: across the ring's wrap, and between the pinned tokens and the FIFO part, a token
+        whose neighbour was overwritten has none on that side.
+        """
+        n = check_int("n", n, 0)
+        if n == 0:
+            return indices
+        M, P = self.max_memories, self.pinned
+        written = self.written.to(indices.device).view(-1, 1, 1, 1)
+        slots = indices.clamp(min=0)
+        newest = P + (written - 1 - P).clamp(min=0) % (M - P)  # slot of the last FIFO token, once wrapped
+        ordinal = torch.where((written > M) & (slots >= P), written - 1 - (newest - slots) % (M - P), slots)
+        near = ordinal.unsqueeze(-1) + torch.arange(-n, n + 1, device=indices.device)  # (B, Hq, T, k, 2n+1)
+        written = written.unsqueeze(-1)
+        stored = (near >= 0) & (near < written) & ((near < P) | (near >= written - (M - P)))
+        stored &= (indices >= 0).unsqueeze(-1)
+        near = torch.where(near < P, near, P + (near - P) % (M - P))
+        near = torch.where(stored, near, -1).flatten(-2).sort(dim=-1).values
+        repeated = torch.zeros_like(near, dtype=torch.bool)
+        repeated[..., 1:] = near[..., 1:] == near[..., :-1]
+        return near.masked_fill(repeated, -1)
+
     def gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored (keys, values) at `indices` (B, Hq, T, k) -> two (B, Hq, T, k, D) tensors.
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import hf
 from .files import read_tensors_and_json, save_tensors_and_json
-from .handle import DEFAULT_DISTANCE, DEFAULT_TOPK, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
+from .handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
 from .memory import default_pinned
 from .positions import RotaryPlacement
 
@@ -67,6 +67,7 @@ def patch(
     pinned: int | None = None,
     heads: dict[int, list[int]] | Iterable[tuple[int, int]] | None = None,
     memory_bias: float = 0.0,
+    neighbours: int = DEFAULT_NEIGHBOURS,
 ) -> MemoryHandle:
     """Turn attention layers of a transformers causal LM (GPT-2, GPT-NeoX/Pythia, Llama family)
     into kNN memory layers. Returns the `MemoryHandle` (also at `model.knnmem`).
@@ -92,6 +93,8 @@ def patch(
             unless a memory head shares them.
         memory_bias: log-weight added to every memory's logit in the joint softmax (0: none;
             negative: memory must match clearly better than the local context to take attention).
+        neighbours: stored tokens read on each side of every retrieved one, in document order
+            (0: the hits alone; n: up to topk * (2n + 1) memories per query, each once).
     """
     hf.check_supported(model, "knnmem.patch")
     if getattr(model, "knnmem", None) is not None:
@@ -106,6 +109,7 @@ def patch(
     settings = PatchSettings(
         layers=_layer_list(layers, len(modules)), heads=head_pairs, topk=topk, max_memories=max_memories, mode=mode, logits=logits,
         position=position, distance=distance, memory_backend=memory_backend, memory_bias=memory_bias,
+        neighbours=neighbours,
         pinned=default_pinned(max_memories) if pinned is None else pinned)
     gate_init = check_gate_init(gate_init)
     rotary = hf.rotary_embedding(model)

@@ -71,6 +71,20 @@ def test_xl_and_long_reduce_to_none_where_they_add_no_context():
     torch.testing.assert_close(score_document(model, ids, "xl", segment=16)[:16], none[:16])
 
 
+def test_the_local_context_of_xl_is_an_option():
+    """context=0 reads each segment alone (= none); context=segment is xl's default; a context of
+    two segments reads what long reads with a window of the 4 sinks and three segments."""
+    model = tiny_llama()
+    ids = torch.randint(300, (81,))
+    none = score_document(model, ids, "none", segment=16)
+    torch.testing.assert_close(score_document(model, ids, "xl", segment=16, context=0), none)
+    torch.testing.assert_close(score_document(model, ids, "xl", segment=16, context=16),
+                               score_document(model, ids, "xl", segment=16))
+    wide = score_document(model, ids, "xl", segment=16, context=32)
+    assert not torch.allclose(wide, score_document(model, ids, "xl", segment=16))
+    torch.testing.assert_close(wide, score_document(model, ids, "long", segment=16, window=52), atol=1e-5, rtol=1e-5)
+
+
 def test_split_is_reproducible_and_by_document(tmp_path):
     paths = [str(tmp_path / f"doc{i}.py") for i in range(40)]
     train, validation = corpus.split(paths)

@@ -137,3 +137,26 @@ def test_calibrate_measures_every_candidate_and_keeps_the_best():
     result = calibration.calibrate(model, docs, counts=[2, 4], segment=16, span=64, measure=measure, progress=False,
                                    max_memories=64, max_heads=3)
     assert list(result["runs"]) == ["2"] and result["best"] == "2" and len(seen) == 1
+
+
+def test_neighbours_widen_what_memory_heads_read_and_leave_the_others_empty():
+    """neighbours=1 reads each hit with the tokens beside it: the hits of neighbours=0 are among
+    them, heads without memory still read nothing, and the output changes."""
+    first, second = torch.randint(VOCAB, (1, 30)), torch.randint(VOCAB, (1, 30))
+    found, outputs = {}, {}
+    for n in (0, 1):
+        model = tiny("llama")
+        handle = knnmem.patch(model, heads=[(1, 0), (1, 4)], topk=2, max_memories=64, neighbours=n)
+        with torch.no_grad():
+            model(first)
+            outputs[n] = model(second).logits
+        found[n] = handle.last_indices[1]
+    assert found[1].shape[-1] == 3 * found[0].shape[-1]
+    for q in range(30):
+        assert set(found[0][0, 0, q].tolist()) <= set(found[1][0, 0, q].tolist())
+        wide = found[1][0, 0, q]
+        assert len(set(wide[wide >= 0].tolist())) == int((wide >= 0).sum()) > 2
+    assert (found[1][:, [1, 2, 3, 5]] == -1).all()  # the heads of both KV groups without memory
+    assert not torch.allclose(outputs[0], outputs[1])
+    with pytest.raises(ValueError, match="neighbours"):
+        knnmem.patch(tiny("llama"), neighbours=-1)

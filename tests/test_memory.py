@@ -476,3 +476,31 @@ def test_exact_search_needs_no_faiss_and_faiss_backends_say_what_is_missing():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "needs FAISS: pip install faiss-cpu" in done.stdout
+
+
+@pytest.mark.parametrize("written, pinned", [(7, 0), (11, 2), (29, 2), (40, 0)])
+def test_neighbours_are_the_stored_tokens_next_in_the_document(written, pinned):
+    """Each hit's neighbours are the tokens at ordinals o-n..o+n that the ring still holds (values
+    carry each token's ordinal), each once per query, also across the wrap and the pinned slots."""
+    M, n = 8, 2
+    memory = KNNMemory(2, 1, 4, M, pinned=pinned, backend="exact", normalize=False)
+    ordinals = torch.arange(written, dtype=torch.float32)
+    for start in range(0, written, 3):  # several writes, as a stream does
+        chunk = ordinals[start:start + 3]
+        x = chunk.view(1, 1, -1, 1).expand(2, 1, -1, 4).contiguous()
+        memory.add(torch.randn_like(x), x)
+    held = {int(o) for o in memory.values[0, 0, :int(memory.counts[0]), 0]}
+    hits = torch.tensor([[0, 3], [5, 5], [7, -1], [-1, -1]]).clamp(max=int(memory.counts[0]) - 1)
+    indices = hits.view(1, 1, 4, 2).expand(2, 3, 4, 2)  # 3 query heads of the one KV head, 2 rows
+    found = memory.with_neighbours(indices, n)
+    assert found.shape == (2, 3, 4, 2 * (2 * n + 1))
+    for q in range(4):
+        slots = found[1, 2, q]
+        got = [int(memory.values[1, 0, s, 0]) for s in slots[slots >= 0]]
+        assert len(got) == len(set(got)), "a memory read twice by one query"
+        hit_ordinals = {int(memory.values[1, 0, s, 0]) for s in hits[q] if s >= 0}
+        expected = {o + j for o in hit_ordinals for j in range(-n, n + 1)} & held
+        assert set(got) == expected
+    assert torch.equal(memory.with_neighbours(indices, 0), indices)
+    with pytest.raises(ValueError, match="n must be a non-negative integer"):
+        memory.with_neighbours(indices, -1)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import corpus
 from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
-from ..handle import DEFAULT_DISTANCE, DEFAULT_TOPK
+from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK
 from ..hf import native_context
 from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
@@ -28,7 +28,7 @@ from .common import (HelpFormatter, check_layers, check_positive, check_results_
 
 TASKS = ("perplexity", "recall")
 # Memory settings a fine-tuned checkpoint fixes (it was trained with them).
-CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "layers", "mode", "position", "distance",
+CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "neighbours", "layers", "mode", "position", "distance",
                        "memory_backend", "heads")
 
 
@@ -60,12 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pinned", type=int, default=None,
                    help="first tokens of each document kept in memory when it overflows "
                         "(default: 64, or half the memory if smaller)")
-    p.add_argument("--topk", type=int, default=DEFAULT_TOPK)
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="memories retrieved per query and head")
+    p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
+                   help="stored tokens read on each side of every retrieved one")
     p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
     p.add_argument("--mode", choices=["joint", "gate"], default="joint")
     p.add_argument("--position", choices=POLICIES, default="constant")
     p.add_argument("--distance", type=int, default=DEFAULT_DISTANCE, help="distance of --position constant")
     p.add_argument("--memory-backend", choices=("auto",) + BACKENDS, default="auto")
+    p.add_argument("--context", type=int, default=None,
+                   help="local context of xl and xl+memory: tokens kept before each segment (default: one segment)")
     p.add_argument("--window", type=int, default=None,
                    help="context window of the `long` configuration (default: the model's native context)")
     p.add_argument("--heads", default="calibrated",
@@ -97,8 +101,11 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--min-tokens must be at least 2, got {args.min_tokens}")
     if args.window is not None and args.window < args.segment:
         parser.error(f"--window ({args.window}) must be at least --segment ({args.segment})")
-    if args.distance < 0:
-        parser.error(f"--distance must be >= 0, got {args.distance}")
+    if args.context is not None and args.context < 0:
+        parser.error(f"--context must be >= 0, got {args.context}")
+    for name in ("distance", "neighbours"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     for size in [args.memory, *args.memory_sweep]:
         if size <= 0:
             parser.error(f"--memory and --memory-sweep sizes must be positive, got {size}")
@@ -141,9 +148,10 @@ def _validate_checkpoint(parser: argparse.ArgumentParser, args) -> None:
 
 def run_settings(args) -> PerplexityRun:
     return PerplexityRun(
-        configs=args.configs, segment=args.segment, window=args.window, max_tokens=args.max_tokens,
+        configs=args.configs, segment=args.segment, window=args.window, context=args.context,
+        max_tokens=args.max_tokens,
         memory=args.memory, memory_sweep=args.memory_sweep, pinned=args.pinned, topk=args.topk,
-        layers=args.layer_list, mode=args.mode, position=args.position, distance=args.distance,
+        neighbours=args.neighbours, layers=args.layer_list, mode=args.mode, position=args.position, distance=args.distance,
         memory_backend=args.memory_backend, heads=args.head_pairs, checkpoint=args.checkpoint)
 
 

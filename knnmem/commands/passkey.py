@@ -11,7 +11,7 @@ import os
 from ..eval import passkey
 from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passkey
 from ..eval.report import write_json
-from ..handle import DEFAULT_TOPK
+from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK
 from ..hf import native_context
 from .common import (HelpFormatter, check_positive, check_results_writable, default_device, finite_float, load_or_exit,
                      memory_heads)
@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--segment", type=int, default=512)
     p.add_argument("--memory", type=int, default=65536)
-    p.add_argument("--topk", type=int, default=DEFAULT_TOPK)
+    p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="memories retrieved per query and head")
+    p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
+                   help="stored tokens read on each side of every retrieved one")
+    p.add_argument("--distance", type=int, default=DEFAULT_DISTANCE, help="where memory keys sit (positions back)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heads", default="calibrated",
                    help="heads that read memory: 'all', a `knnmem calibrate` output directory, or 'calibrated' "
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(parser: argparse.ArgumentParser, args) -> None:
     check_positive(parser, args, "segment", "memory", "topk", "trials")
+    for name in ("neighbours", "distance"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if any(n <= args.segment for n in args.lengths):
         parser.error(f"--lengths must all exceed --segment ({args.segment}), got {args.lengths}")
     if any(not 0 <= d <= 1 for d in args.depths):
@@ -61,8 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "accuracy": results}
 
     results = evaluate_configs(model, tokenizer, args.configs, args.lengths, args.depths, args.trials,
-                               args.segment, args.memory, args.topk, args.seed, heads,
-                               on_config=lambda partial: write_json(args.json, payload_of(partial), quiet=True))
+                               args.segment, args.seed,
+                               on_config=lambda partial: write_json(args.json, payload_of(partial), quiet=True),
+                               max_memories=args.memory, topk=args.topk, heads=heads, neighbours=args.neighbours,
+                               distance=args.distance)
     payload = payload_of(results)
     print_passkey(payload)
     write_json(args.json, payload)

@@ -24,7 +24,6 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from ..handle import DEFAULT_TOPK
 from ..hf import native_context
 from ..patch import patch, unpatch
 from ..stream import DEFAULT_SINKS, read
@@ -97,18 +96,19 @@ def model_answerer(model, tokenizer, config: str, segment: int, max_new_tokens: 
 
 
 def evaluate_configs(model, tokenizer, configs: list[str], lengths: list[int], depths: list[float], trials: int,
-                     segment: int = 512, max_memories: int = 65536, topk: int = DEFAULT_TOPK, seed: int = 0,
-                     heads: list | None = None, on_config: Callable[[dict], None] | None = None) -> dict:
+                     segment: int = 512, seed: int = 0, on_config: Callable[[dict], None] | None = None,
+                     **patch_options) -> dict:
     """Accuracy {config: {length: {depth: fraction}}} (keys as strings) of each configuration; `full`
-    only at the lengths that fit the model's native context. heads: the (layer, head) pairs that
-    read memory in `memory` (None: every head). on_config(results so far) follows each configuration."""
+    only at the lengths that fit the model's native context. patch_options: keyword arguments of
+    `knnmem.patch` for `memory` (e.g. heads, topk, max_memories, neighbours). on_config(results so
+    far) follows each configuration."""
     native = native_context(model)
     results = {}
     bar = tqdm(total=len(configs) * len(lengths) * len(depths) * trials, unit="trial")
     for config in configs:
         fitting = [n for n in lengths if config != "full" or native is None or n <= native]
         bar.set_description(config)
-        answer = model_answerer(model, tokenizer, config, segment, max_memories=max_memories, topk=topk, heads=heads)
+        answer = model_answerer(model, tokenizer, config, segment, **patch_options)
         table = evaluate(answer, tokenizer, fitting, depths, trials, seed, bar)
         bar.update(len(depths) * trials * (len(lengths) - len(fitting)))
         results[config] = {str(n): {str(d): acc for d, acc in row.items()} for n, row in table.items()}

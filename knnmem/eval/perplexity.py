@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import corpus
-from ..handle import DEFAULT_DISTANCE, DEFAULT_TOPK
+from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK
 from ..patch import patch, unpatch
 from ..stream import windows
 from ..train.trainable import load_trained
@@ -30,20 +30,23 @@ LONG_DOCUMENT = 16384  # default corpus: documents shorter than this (or max_tok
 class PerplexityRun:
     """What an evaluation runs. configs: kinds of `knnmem.eval.scoring`, each once; memory kinds
     with `memory` tokens of memory, and again at each other size of `memory_sweep` (named KIND@N).
-    segment: scored tokens per window; window: the context of `long`; max_tokens: the longest a
+    segment: scored tokens per window; window: the context of `long`; context: the local context of
+    `xl` and `xl+memory` (None: one segment); max_tokens: the longest a
     document is (for the sums by segment index). Memory kinds patch the model (`knnmem.patch`)
-    with layers (None: all), topk, mode, position, distance, memory_backend and pinned; with a
+    with layers (None: all), topk, neighbours, mode, position, distance, memory_backend and pinned; with a
     `checkpoint` (a `knnmem train` output) they run the fine-tuned retrofit, loaded once, instead.
     heads: the (layer, head) pairs that read memory (e.g. a calibration's); None: every head."""
 
     configs: Sequence[str] = tuple(DEFAULT_CONFIGS)
     segment: int = 512
     window: int = 2048
+    context: int | None = None
     max_tokens: int = 16384
     memory: int = 65536
     memory_sweep: Sequence[int] = ()
     pinned: int | None = None
     topk: int = DEFAULT_TOPK
+    neighbours: int = DEFAULT_NEIGHBOURS
     layers: list[int] | None = None
     mode: str = "joint"
     position: str = "constant"
@@ -74,7 +77,7 @@ class PerplexityRun:
             return getattr(model, "knnmem", None) or load_trained(model, self.checkpoint)
         return patch(model, layers=self.layers, topk=self.topk, max_memories=size, mode=self.mode,
                      position=self.position, distance=self.distance, memory_backend=self.memory_backend,
-                     pinned=self.pinned, heads=self.heads)
+                     pinned=self.pinned, heads=self.heads, neighbours=self.neighbours)
 
 
 class Totals(NamedTuple):
@@ -126,7 +129,8 @@ def _score_config(model, documents: dict[int, torch.Tensor], n_documents: int, k
     for index, ids in documents.items():
         if handle is not None:
             handle.reset()
-        nll = score_document(model, ids, kind, run.segment, run.window, on_segment=lambda: bar.update())
+        nll = score_document(model, ids, kind, run.segment, run.window, on_segment=lambda: bar.update(),
+                             context=run.context)
         sums[0] += nll.sum()
         sums[1] += nll.numel()
         for position, chunk in enumerate(nll.split(run.segment)):
@@ -178,7 +182,7 @@ def config_results(totals: dict[str, Totals], run: PerplexityRun, names: list[st
         by_document = sums[2 + 2 * n_positions:]
         results[name] = {
             "kind": kind, "memory": size, "memory_settings": memory_settings,
-            "local_context": local_context(kind, run.segment, run.window),
+            "local_context": local_context(kind, run.segment, run.window, run.context),
             "ppl": math.exp(nll / tokens), "nll_sum": nll, "tokens": tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds,
             "ppl_by_segment": [math.exp(s / c) for s, c in zip(sums[2:2 + n_positions].tolist(), counts.tolist()) if c],
