@@ -2,6 +2,8 @@
 optional Transformer-XL cache and RoPE) and `KNNAttention`, the drop-in layer that adds a kNN memory."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -48,7 +50,8 @@ class CausalAttention(nn.Module):
         kv_heads: key/value heads (grouped-query attention), default heads.
         xl_cache: also attend to the previous segment's keys/values (Transformer-XL): batch rows
             are documents read segment by segment; `reset_memory(rows)` at a new document.
-        rope_base: rotary position embedding base for local attention (None: no positions).
+        rope_base: rotary position embedding base for local attention (None: no positions; with
+            `xl_cache` that leaves the two segments unordered, and a warning says so).
         bias: use biases in the projections.
     """
 
@@ -68,6 +71,11 @@ class CausalAttention(nn.Module):
             raise ValueError(f"rope_base must be a number > 1 with an even head_dim, got {rope_base!r} "
                              f"(head_dim {self.head_dim})")
         self.xl_cache, self.rope_base = xl_cache, rope_base
+        if xl_cache and rope_base is None:
+            warnings.warn("xl_cache=True without rope_base: the cached segment has no position relative to the new "
+                          "one (and absolute position embeddings added to x would repeat 0..T-1 in both); pass "
+                          "rope_base (e.g. 10000.0, as MemorizingConfig) for relative positions over both segments",
+                          stacklevel=2)
         self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
@@ -139,7 +147,8 @@ class KNNAttention(CausalAttention):
         pinned: the first `pinned` tokens of each document stay in memory when it overflows
             (None: 64, or half a smaller memory, as `knnmem.patch`).
         memory_backend: search backend of the owned memory ("auto", "exact", "ivf", ...).
-        memory: an existing `KNNMemory` to use instead of creating one on the first call.
+        memory: an existing `KNNMemory` to use instead of the layer's own (`attn.memory`: empty
+            until the first forward, which sizes it to the input's batch and device).
     """
 
     def __init__(
@@ -172,15 +181,24 @@ class KNNAttention(CausalAttention):
         self.memory_scale = nn.Parameter(torch.full((heads,), self.head_dim**0.5))
         if memory is not None and not isinstance(memory, KNNMemory):
             raise TypeError(f"memory must be a KNNMemory or None, got {type(memory).__name__}")
-        self.memory, self._owns_memory = memory, memory is None
+        self._owns_memory = memory is None
+        # An owned memory exists from the start (empty, one row, on the CPU); the first forward
+        # replaces it by one of the input's batch size and device while it is empty.
+        self.memory = memory if memory is not None else self._new_memory(1, torch.device("cpu"))
+
+    def _new_memory(self, batch_size: int, device: torch.device) -> KNNMemory:
+        return KNNMemory(batch_size, self.kv_heads, self.head_dim, self.max_memories, backend=self.memory_backend,
+                         pinned=self.pinned, normalize=self.logits == "normalized", device=device)
 
     def extra_repr(self) -> str:
-        stored = self.memory.counts.tolist() if self.memory is not None else "none yet"
+        stored = self.memory.counts.tolist()
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, topk={self.topk}, "
                 f"max_memories={self.max_memories}, mode={self.mode!r}, logits={self.logits!r}, "
                 f"pinned={self.pinned}, stored={stored}")
 
     def _memory_for(self, x: torch.Tensor) -> KNNMemory:
+        if self._owns_memory and not len(self.memory) and self.memory.device != x.device:
+            self.memory = self._new_memory(x.shape[0], x.device)
         self.memory = memory_for_batch(
             self.memory, x.shape[0], "reset_memory()", owned=self._owns_memory, heads=self.kv_heads, head_dim=self.head_dim,
             max_memories=self.max_memories, backend=self.memory_backend, pinned=self.pinned,
@@ -193,7 +211,7 @@ class KNNAttention(CausalAttention):
 
     def reset_memory(self, rows: int | list[int] | None = None) -> None:
         """Forget the memory (and XL cache) of all rows or of the given rows (new documents)."""
-        if self.memory is not None:
+        if len(self.memory) or not self._owns_memory:  # an empty owned memory is resized by the next forward
             self.memory.clear(rows)
         super().reset_memory(rows)
 

@@ -37,7 +37,8 @@ def test_first_segment_with_empty_memory_equals_sdpa():
 
 
 def test_closed_gate_ignores_memory_and_xl_cache_extends_the_window():
-    layer = _layer(xl_cache=True)
+    with pytest.warns(UserWarning, match="xl_cache=True without rope_base"):  # unordered segments: said
+        layer = _layer(xl_cache=True)
     with torch.no_grad():
         layer.gate.fill_(-math.inf)
     x1, x2 = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
@@ -118,3 +119,14 @@ def test_a_users_memory_of_another_batch_size_is_never_replaced():
                             (dict(pinned=100), "pinned"), (dict(memory="mem"), "memory must be a KNNMemory")]:
         with pytest.raises((ValueError, TypeError), match=message):
             KNNAttention(32, 4, **{"max_memories": 100, **kwargs})
+
+
+def test_the_memory_exists_before_the_first_forward_and_takes_the_inputs_batch():
+    layer = _layer(rope_base=10000.0, xl_cache=True)
+    assert len(layer.memory) == 0 and "stored=[0]" in repr(layer)
+    layer.reset_memory(rows=[2])  # rows of the batch to come: nothing to forget yet
+    layer(torch.randn(3, 5, 32))
+    layer(torch.randn(3, 5, 32))
+    assert layer.memory.counts.tolist() == [5, 5, 5]
+    with pytest.raises(ValueError, match="rows must be integers in"):
+        layer.reset_memory(rows=[3])

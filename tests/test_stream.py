@@ -57,7 +57,7 @@ def test_two_documents_side_by_side_stay_separate():
 
 
 def test_layer_xl_cache_delays_the_write_by_one_segment():
-    layer = KNNAttention(32, 4, kv_heads=2, topk=100, max_memories=1000, xl_cache=True)
+    layer = KNNAttention(32, 4, kv_heads=2, topk=100, max_memories=1000, xl_cache=True, rope_base=10000.0)
     T = 8
     for t in range(5):
         layer(torch.randn(2, T, 32))

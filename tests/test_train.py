@@ -170,7 +170,7 @@ def _xl_memory_model_counting_memories():
     memory_layer = model.blocks[3].attn
     counts = []
     memory_layer.register_forward_pre_hook(lambda m, args: counts.append(
-        m.memory.counts.tolist() if m.memory is not None else [0, 0]))
+        m.memory.counts.tolist() if len(m.memory) else [0, 0]))
     return model, memory_layer, counts
 
 
