@@ -12,6 +12,8 @@ from .functional import LOGITS, MODES, knn_attention, local_attention
 from .memory import KNNMemory, check_memory_options, default_pinned, memory_for_batch
 from .positions import apply_rotary, rope_angles
 
+DEFAULT_ROPE_BASE = 10000.0  # local rotary positions of a layer with an XL cache
+
 
 class XLCache:
     """The previous segment's keys/values (B, Hkv, T, D) and validity (B, T), detached."""
@@ -50,13 +52,15 @@ class CausalAttention(nn.Module):
         kv_heads: key/value heads (grouped-query attention), default heads.
         xl_cache: also attend to the previous segment's keys/values (Transformer-XL): batch rows
             are documents read segment by segment; `reset_memory(rows)` at a new document.
-        rope_base: rotary position embedding base for local attention (None: no positions; with
-            `xl_cache` that leaves the two segments unordered, and a warning says so).
+        rope_base: rotary position embedding base for local attention. "auto" (default): 10000.0
+            with `xl_cache` (positions over the cached segment and the new one, as a retrofitted
+            model's), None without it (no positions: the model provides them). None with
+            `xl_cache` leaves the two segments unordered, and a warning says so.
         bias: use biases in the projections.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, kv_heads: int | None = None,
-                 xl_cache: bool = False, rope_base: float | None = None, bias: bool = False) -> None:
+                 xl_cache: bool = False, rope_base: float | str | None = "auto", bias: bool = False) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
         self.heads = check_positive_int("heads", heads)
@@ -66,6 +70,8 @@ class CausalAttention(nn.Module):
         if head_dim is None and dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}), or give head_dim")
         self.head_dim = check_positive_int("head_dim", head_dim or dim // heads)
+        if rope_base == "auto":
+            rope_base = DEFAULT_ROPE_BASE if xl_cache else None
         if rope_base is not None and (not isinstance(rope_base, (int, float)) or not rope_base > 1
                                       or self.head_dim % 2):
             raise ValueError(f"rope_base must be a number > 1 with an even head_dim, got {rope_base!r} "
@@ -74,7 +80,7 @@ class CausalAttention(nn.Module):
         if xl_cache and rope_base is None:
             warnings.warn("xl_cache=True without rope_base: the cached segment has no position relative to the new "
                           "one (and absolute position embeddings added to x would repeat 0..T-1 in both); pass "
-                          "rope_base (e.g. 10000.0, as MemorizingConfig) for relative positions over both segments",
+                          "rope_base (e.g. 10000.0, the default with xl_cache) for relative positions over both segments",
                           stacklevel=2)
         self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=bias)
@@ -138,7 +144,8 @@ class KNNAttention(CausalAttention):
 
     With `xl_cache`, the previous segment is local context, and a segment enters memory only when
     it leaves the cache (the delayed write): no token is both attended locally and retrieved.
-    With `rope_base`, local attention is rotary; memories are stored and read without positions.
+    With `rope_base` (by default with `xl_cache`), local attention is rotary; memories are stored and
+    read without positions.
 
     Args (besides `CausalAttention`'s):
         topk: memories retrieved per query. max_memories: capacity per (row, KV head).
@@ -166,7 +173,7 @@ class KNNAttention(CausalAttention):
         memory: KNNMemory | None = None,
         bias: bool = False,
         pinned: int | None = None,
-        rope_base: float | None = None,
+        rope_base: float | str | None = "auto",
     ) -> None:
         super().__init__(dim, heads, head_dim, kv_heads, xl_cache=xl_cache, rope_base=rope_base, bias=bias)
         check_choice("mode", mode, MODES)

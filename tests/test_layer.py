@@ -38,7 +38,7 @@ def test_first_segment_with_empty_memory_equals_sdpa():
 
 def test_closed_gate_ignores_memory_and_xl_cache_extends_the_window():
     with pytest.warns(UserWarning, match="xl_cache=True without rope_base"):  # unordered segments: said
-        layer = _layer(xl_cache=True)
+        layer = _layer(xl_cache=True, rope_base=None)
     with torch.no_grad():
         layer.gate.fill_(-math.inf)
     x1, x2 = torch.randn(2, 6, 32), torch.randn(2, 6, 32)
@@ -122,7 +122,8 @@ def test_a_users_memory_of_another_batch_size_is_never_replaced():
 
 
 def test_the_memory_exists_before_the_first_forward_and_takes_the_inputs_batch():
-    layer = _layer(rope_base=10000.0, xl_cache=True)
+    layer = _layer(xl_cache=True)
+    assert layer.rope_base == 10000.0 and _layer().rope_base is None  # rotary with an XL cache by default
     assert len(layer.memory) == 0 and "stored=[0]" in repr(layer)
     layer.reset_memory(rows=[2])  # rows of the batch to come: nothing to forget yet
     layer(torch.randn(3, 5, 32))
