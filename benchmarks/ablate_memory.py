@@ -42,6 +42,11 @@ SETTINGS = {
     "distance 2048, top-8, neighbours 2": {"distance": 2048, "topk": 8, "neighbours": 2},
     "distance 2048, top-4, neighbours 2": {"distance": 2048, "topk": 4, "neighbours": 2},
     "distance 2048, top-2, neighbours 4": {"distance": 2048, "topk": 2, "neighbours": 4},
+    "distance 2048, top-8, query block 8": {"distance": 2048, "topk": 8, "query_block": 8},
+    "distance 2048, top-16, query block 8": {"distance": 2048, "topk": 16, "query_block": 8},
+    "distance 2048, top-32, query block 16": {"distance": 2048, "topk": 32, "query_block": 16},
+    "every head, distance 2048, top-16, query block 8": {"heads": None, "distance": 2048, "topk": 16,
+                                                          "query_block": 8},
 }
 
 

@@ -37,6 +37,7 @@ GATE, SCALE = "knn_gate", "knn_memory_scale"  # the parameters `patch` adds to e
 DEFAULT_DISTANCE = 2048  # where memories sit: beyond the default local window (ablation: README)
 DEFAULT_TOPK = 8  # memories retrieved per query and head (ablation: README)
 DEFAULT_NEIGHBOURS = 0  # stored tokens read on each side of a hit (ablation: README)
+DEFAULT_QUERY_BLOCK = 1  # consecutive queries that share one search (ablation: README)
 _HANDLE_FORMAT = 2
 _LAYER_FILE = re.compile(r"layer_(\d+)\.[0-9a-f]{12}\.safetensors")
 
@@ -57,6 +58,7 @@ class PatchSettings:
     pinned: int = DEFAULT_PINNED
     heads: tuple[tuple[int, int], ...] | None = None  # (layer, query head) pairs with memory; None: all
     memory_bias: float = 0.0  # log-weight of every memory in the joint softmax (`knnmem.functional`)
+    query_block: int = DEFAULT_QUERY_BLOCK  # consecutive queries sharing one search (`search_blocks`)
     neighbours: int = DEFAULT_NEIGHBOURS  # stored tokens read on each side of every hit (`KNNMemory.with_neighbours`)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,7 @@ class PatchSettings:
         check_memory_options(self.max_memories, self.memory_backend, self.pinned)
         check_memory_bias(self.memory_bias, self.mode)
         check_int("neighbours", self.neighbours, minimum=0)
+        check_positive_int("query_block", self.query_block)
 
     def as_dict(self) -> dict:
         """JSON-ready keyword arguments of `knnmem.patch`."""
@@ -403,11 +406,12 @@ class MemoryHandle:
         memory_q = query
         if self.placement is not None and (len(memory) or reads_knowledge):
             memory_q = self.placement.memory_query(query, position_ids, S)
+        real = _real_tokens(attention_mask, B, T, S, query.device)
         if len(memory) and plan is None:
-            _, indices = memory.search_unchecked(memory_q.detach(), settings.topk)
+            indices = search_blocks(memory, memory_q.detach(), settings.topk, settings.query_block, real)
         elif len(memory):  # only the heads with memory search; the others of their groups retrieve nothing
             searched = plan.searched.to(query.device)
-            _, found = memory.search_unchecked(memory_q[:, searched].detach(), settings.topk)
+            found = search_blocks(memory, memory_q[:, searched].detach(), settings.topk, settings.query_block, real)
             indices = torch.full((B, Hq, T, found.shape[-1]), -1, dtype=torch.long, device=found.device)
             indices[:, searched] = found
         else:  # nothing to retrieve: no search
@@ -429,7 +433,7 @@ class MemoryHandle:
             new_k, new_v = key[:, :, S - T:], value[:, :, S - T:]
             store_k = new_k if self.placement is None else self.placement.stored_keys(new_k, position_ids, S)
             memory.add_unchecked(store_k[:, :, :n].detach(), new_v[:, :, :n].detach(),
-                                 mask=_real_tokens(attention_mask, B, T, S, query.device)[:, :n])
+                                 mask=real[:, :n])
         return out
 
     @staticmethod
@@ -473,6 +477,22 @@ class MemoryHandle:
         self._memorizing.collect(module.layer_idx, query, key, store_k, value, scaling)
         out, _ = local_attention(query, key, value, scaling, attention_mask)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def search_blocks(memory: KNNMemory, queries: torch.Tensor, k: int, block: int,
+                  real: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k slots (B, Hq, T, k') of `queries` (B, Hq, T, D), one search per `block` consecutive
+    positions: by the sum of their queries (InfLLM's relevance of a memory to a chunk of queries,
+    sum_q q.k), shared by the block; padding positions (`real` (B, T) False) add nothing.
+    block 1: every query searches alone."""
+    if block == 1:
+        return memory.search_unchecked(queries, k)[1]
+    B, H, T, D = queries.shape
+    if real is not None:
+        queries = queries * real[:, None, :, None].to(queries.dtype)
+    padded = torch.nn.functional.pad(queries, (0, 0, 0, -T % block))  # zero queries add nothing to a sum
+    pooled = padded.view(B, H, -1, block, D).sum(dim=3)
+    return memory.search_unchecked(pooled, k)[1].repeat_interleave(block, dim=2)[:, :, :T]
 
 
 def _real_tokens(attention_mask, B: int, T: int, S: int, device) -> torch.Tensor:

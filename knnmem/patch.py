@@ -25,7 +25,8 @@ from torch import nn
 
 from . import hf
 from .files import read_tensors_and_json, save_tensors_and_json
-from .handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK, GATE, SCALE, MemoryHandle, PatchSettings, check_gate_init
+from .handle import (DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_QUERY_BLOCK, DEFAULT_TOPK, GATE, SCALE, MemoryHandle,
+                     PatchSettings, check_gate_init)
 from .memory import default_pinned
 from .positions import RotaryPlacement
 
@@ -68,6 +69,7 @@ def patch(
     heads: dict[int, list[int]] | Iterable[tuple[int, int]] | None = None,
     memory_bias: float = 0.0,
     neighbours: int = DEFAULT_NEIGHBOURS,
+    query_block: int = DEFAULT_QUERY_BLOCK,
 ) -> MemoryHandle:
     """Turn attention layers of a transformers causal LM (GPT-2, GPT-NeoX/Pythia, Llama family)
     into kNN memory layers. Returns the `MemoryHandle` (also at `model.knnmem`).
@@ -95,6 +97,8 @@ def patch(
             negative: memory must match clearly better than the local context to take attention).
         neighbours: stored tokens read on each side of every retrieved one, in document order
             (0: the hits alone; n: up to topk * (2n + 1) memories per query, each once).
+        query_block: consecutive query positions that share one search, by the sum of their
+            queries (InfLLM's relevance); 1: each query searches alone. The search costs 1/block.
     """
     hf.check_supported(model, "knnmem.patch")
     if getattr(model, "knnmem", None) is not None:
@@ -109,7 +113,7 @@ def patch(
     settings = PatchSettings(
         layers=_layer_list(layers, len(modules)), heads=head_pairs, topk=topk, max_memories=max_memories, mode=mode, logits=logits,
         position=position, distance=distance, memory_backend=memory_backend, memory_bias=memory_bias,
-        neighbours=neighbours,
+        neighbours=neighbours, query_block=query_block,
         pinned=default_pinned(max_memories) if pinned is None else pinned)
     gate_init = check_gate_init(gate_init)
     rotary = hf.rotary_embedding(model)

@@ -160,3 +160,33 @@ def test_neighbours_widen_what_memory_heads_read_and_leave_the_others_empty():
     assert not torch.allclose(outputs[0], outputs[1])
     with pytest.raises(ValueError, match="neighbours"):
         knnmem.patch(tiny("llama"), neighbours=-1)
+
+
+def test_a_query_block_shares_the_search_of_the_sum_of_its_queries():
+    """query_block=4: positions 4j..4j+3 read the same memories, those the sum of their memory
+    queries finds; query_block=1 is every query on its own (the default)."""
+    from knnmem.handle import search_blocks
+
+    memory = knnmem.KNNMemory(1, 2, 8, 64, backend="exact", normalize=False)
+    memory.add(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))
+    queries = torch.randn(1, 4, 10, 8)
+    shared = search_blocks(memory, queries, 3, 4)
+    assert shared.shape == (1, 4, 10, 3)
+    for j, start in enumerate(range(0, 10, 4)):
+        summed = queries[:, :, start:start + 4].sum(dim=2, keepdim=True)
+        expected = memory.search(summed, 3)[1]
+        assert torch.equal(shared[:, :, start:start + 4], expected.expand(-1, -1, min(4, 10 - start), -1))
+    assert torch.equal(search_blocks(memory, queries, 3, 1), memory.search(queries, 3)[1])
+    real = torch.ones(1, 10, dtype=torch.bool)
+    real[0, :2] = False  # padding adds nothing to its block's sum
+    padded = search_blocks(memory, queries, 3, 4, real)
+    assert torch.equal(padded[:, :, :4], memory.search(queries[:, :, 2:4].sum(2, keepdim=True), 3)[1].expand(-1, -1, 4, -1))
+    model = tiny("llama")
+    knnmem.patch(model, topk=2, query_block=8)
+    with torch.no_grad():
+        model(torch.randint(VOCAB, (1, 30)))
+        model(torch.randint(VOCAB, (1, 30)))
+    found = model.knnmem.last_indices[0]
+    assert torch.equal(found[:, :, :8], found[:, :, :1].expand(-1, -1, 8, -1))
+    with pytest.raises(ValueError, match="query_block"):
+        knnmem.patch(tiny("llama"), query_block=0)

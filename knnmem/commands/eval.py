@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .. import corpus
 from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
-from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK
+from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_QUERY_BLOCK, DEFAULT_TOPK
 from ..hf import native_context
 from ..eval.report import print_row, print_table, save_plot, write_json
 from ..eval.scoring import KINDS
@@ -28,8 +28,8 @@ from .common import (HelpFormatter, check_layers, check_positive, check_results_
 
 TASKS = ("perplexity", "recall")
 # Memory settings a fine-tuned checkpoint fixes (it was trained with them).
-CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "neighbours", "layers", "mode", "position", "distance",
-                       "memory_backend", "heads")
+CHECKPOINT_SETTINGS = ("memory", "memory_sweep", "pinned", "topk", "neighbours", "query_block", "layers", "mode",
+                       "position", "distance", "memory_backend", "heads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="memories retrieved per query and head")
     p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
                    help="stored tokens read on each side of every retrieved one")
+    p.add_argument("--query-block", type=int, default=DEFAULT_QUERY_BLOCK,
+                   help="consecutive query positions that share one memory search (by their summed query)")
     p.add_argument("--layers", default="all", help='memory layers: "all", "22", "15-29", ...')
     p.add_argument("--mode", choices=["joint", "gate"], default="joint")
     p.add_argument("--position", choices=POLICIES, default="constant")
@@ -92,7 +94,7 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
     """Every option checked before anything slow starts; errors exit with the option's name."""
     if args.max_docs is None:
         args.max_docs = 1 if args.data else len(corpus.EVAL_DOCUMENTS)
-    check_positive(parser, args, "max_docs", "max_tokens", "segment", "memory", "topk")
+    check_positive(parser, args, "max_docs", "max_tokens", "segment", "memory", "topk", "query_block")
     if args.window is not None and args.window <= 0:
         parser.error(f"--window must be a positive integer, got {args.window}")
     if args.max_tokens < 2 * args.segment:
@@ -149,10 +151,10 @@ def _validate_checkpoint(parser: argparse.ArgumentParser, args) -> None:
 def run_settings(args) -> PerplexityRun:
     return PerplexityRun(
         configs=args.configs, segment=args.segment, window=args.window, context=args.context,
-        max_tokens=args.max_tokens,
-        memory=args.memory, memory_sweep=args.memory_sweep, pinned=args.pinned, topk=args.topk,
-        neighbours=args.neighbours, layers=args.layer_list, mode=args.mode, position=args.position, distance=args.distance,
-        memory_backend=args.memory_backend, heads=args.head_pairs, checkpoint=args.checkpoint)
+        max_tokens=args.max_tokens, memory=args.memory, memory_sweep=args.memory_sweep, pinned=args.pinned,
+        topk=args.topk, neighbours=args.neighbours, query_block=args.query_block, layers=args.layer_list,
+        mode=args.mode, position=args.position, distance=args.distance, memory_backend=args.memory_backend,
+        heads=args.head_pairs, checkpoint=args.checkpoint)
 
 
 def recorded_settings(args) -> dict:

@@ -11,7 +11,7 @@ import os
 from ..eval import passkey
 from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passkey
 from ..eval.report import write_json
-from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK
+from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_QUERY_BLOCK, DEFAULT_TOPK
 from ..hf import native_context
 from .common import (HelpFormatter, check_positive, check_results_writable, default_device, finite_float, load_or_exit,
                      memory_heads)
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=DEFAULT_TOPK, help="memories retrieved per query and head")
     p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
                    help="stored tokens read on each side of every retrieved one")
+    p.add_argument("--query-block", type=int, default=DEFAULT_QUERY_BLOCK,
+                   help="consecutive query positions that share one memory search (by their summed query)")
     p.add_argument("--distance", type=int, default=DEFAULT_DISTANCE, help="where memory keys sit (positions back)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heads", default="calibrated",
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(parser: argparse.ArgumentParser, args) -> None:
-    check_positive(parser, args, "segment", "memory", "topk", "trials")
+    check_positive(parser, args, "segment", "memory", "topk", "trials", "query_block")
     for name in ("neighbours", "distance"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
                                args.segment, args.seed,
                                on_config=lambda partial: write_json(args.json, payload_of(partial), quiet=True),
                                max_memories=args.memory, topk=args.topk, heads=heads, neighbours=args.neighbours,
-                               distance=args.distance)
+                               query_block=args.query_block, distance=args.distance)
     payload = payload_of(results)
     print_passkey(payload)
     write_json(args.json, payload)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import corpus
-from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_TOPK
+from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_QUERY_BLOCK, DEFAULT_TOPK
 from ..patch import patch, unpatch
 from ..stream import windows
 from ..train.trainable import load_trained
@@ -33,7 +33,8 @@ class PerplexityRun:
     segment: scored tokens per window; window: the context of `long`; context: the local context of
     `xl` and `xl+memory` (None: one segment); max_tokens: the longest a
     document is (for the sums by segment index). Memory kinds patch the model (`knnmem.patch`)
-    with layers (None: all), topk, neighbours, mode, position, distance, memory_backend and pinned; with a
+    with layers (None: all), topk, neighbours, query_block, mode, position, distance,
+    memory_backend and pinned; with a
     `checkpoint` (a `knnmem train` output) they run the fine-tuned retrofit, loaded once, instead.
     heads: the (layer, head) pairs that read memory (e.g. a calibration's); None: every head."""
 
@@ -47,6 +48,7 @@ class PerplexityRun:
     pinned: int | None = None
     topk: int = DEFAULT_TOPK
     neighbours: int = DEFAULT_NEIGHBOURS
+    query_block: int = DEFAULT_QUERY_BLOCK
     layers: list[int] | None = None
     mode: str = "joint"
     position: str = "constant"
@@ -77,7 +79,8 @@ class PerplexityRun:
             return getattr(model, "knnmem", None) or load_trained(model, self.checkpoint)
         return patch(model, layers=self.layers, topk=self.topk, max_memories=size, mode=self.mode,
                      position=self.position, distance=self.distance, memory_backend=self.memory_backend,
-                     pinned=self.pinned, heads=self.heads, neighbours=self.neighbours)
+                     pinned=self.pinned, heads=self.heads, neighbours=self.neighbours,
+                     query_block=self.query_block)
 
 
 class Totals(NamedTuple):
