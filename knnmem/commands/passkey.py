@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive query positions that share one memory search (by their summed query)")
     p.add_argument("--distance", type=int, default=DEFAULT_DISTANCE, help="where memory keys sit (positions back)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heads", default="calibrated",
+    p.add_argument("--heads", default="all",
                    help="heads that read memory: 'all', a `knnmem calibrate` output directory, or 'calibrated' "
-                        "(default: the committed calibration of the bundled model; every head for other models)")
+                        "(the committed calibration of the bundled model, chosen for perplexity: it loses the "
+                        "key, see the README; every head for other models)")
     p.add_argument("--json", default="eval_results/passkey.json")
     p.add_argument("--device", default=default_device())
     return p

@@ -5,8 +5,8 @@ A prompt is seeded filler text with one sentence stating a random 5-digit key at
 and a question at the end. Configurations:
 - `local`: the model sees only the last `--segment` tokens (the question and a little filler).
 - `memory`: the prompt before those tokens is read in segments through the patched model (with the
-  previous segment as local context, as `xl+memory` in `knnmem eval`); then the model answers
-  from the last tokens, with memory frozen during `generate()`.
+  previous segment as local context, as `xl+memory` in `knnmem eval`, memory in every head by
+  default); then the model answers from the last tokens, with memory frozen during `generate()`.
 - `sinks+window`: the prompt's first 4 tokens (attention sinks) and its last tokens, as many as fit
   the native context with the answer, read at once: what a sliding window of the native context
   sees. (Not StreamingLLM's rolling KV cache, `knnmem.stream.SlidingCache`: on the bundled model
