@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_memory import peer_available  # noqa: E402
 from common import machine_info, timed, write_json  # noqa: E402
+from knnmem.corpus import recorded_options  # noqa: E402
 
 from knnmem import KNNAttention  # noqa: E402
 
@@ -92,7 +93,7 @@ def main() -> None:
             rows.append(row)
             print(f"memory {size:>6}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                    for k, v in row.items() if k != "memories"), flush=True)
-    write_json(args.out, {"machine": machine_info(), "parameters": vars(args), "results": rows})
+    write_json(args.out, {"machine": machine_info(), "parameters": recorded_options(args), "results": rows})
 
 
 if __name__ == "__main__":

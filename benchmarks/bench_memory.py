@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, timed, write_json  # noqa: E402
+from knnmem.corpus import recorded_options  # noqa: E402
 
 from knnmem import KNNMemory  # noqa: E402
 from knnmem.synthetic import clustered_keys  # noqa: E402
@@ -197,7 +198,7 @@ def main() -> None:
     exact = [b for b in args.backends if parse_spec(b)[0] == "exact" and parse_spec(b)[2] in (None, torch.float32)]
     if exact:  # the reference for recall comes first
         args.backends = exact[:1] + [b for b in args.backends if b != exact[0]]
-    payload = {"machine": machine_info(), "parameters": vars(args), "sweep": sweep(args)}
+    payload = {"machine": machine_info(), "parameters": recorded_options(args), "sweep": sweep(args)}
     if args.model_backends:
         payload["model_case"] = model_case(args)
     write_json(args.out, payload)

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, timed, write_json  # noqa: E402
+from knnmem.corpus import recorded_options  # noqa: E402
 
 import knnmem  # noqa: E402
 from knnmem import corpus  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
             print(f"{label:<28} 8K: {seconds_8k:.2f} s ({seconds_8k / result['unpatched_s']:.1f}x)   "
                   f"64K: {seconds_64k:.2f} s ({seconds_64k / result['unpatched_s']:.1f}x)", flush=True)
             knnmem.unpatch(model)
-    write_json(args.out, {"machine": machine_info(), "parameters": vars(args), **result})
+    write_json(args.out, {"machine": machine_info(), "parameters": recorded_options(args), **result})
 
 
 if __name__ == "__main__":

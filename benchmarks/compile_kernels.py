@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, write_json  # noqa: E402
+from knnmem.corpus import recorded_options  # noqa: E402
 
 from knnmem.kernels import aot  # noqa: E402
 
@@ -26,7 +27,7 @@ def main() -> None:
     print(f"{len(results)} specialisations compiled for sm_90; {len(spilling)} use stack (spill); "
           f"registers {min(r.registers for r in results)}..{max(r.registers for r in results)}")
     write_json(args.out, {"machine": machine_info(), "target": "cuda sm_90 (Hopper), 4 warps",
-                          "parameters": vars(args), "kernels": [dataclasses.asdict(r) for r in results]})
+                          "parameters": recorded_options(args), "kernels": [dataclasses.asdict(r) for r in results]})
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, write_json  # noqa: E402
+from knnmem.corpus import recorded_options  # noqa: E402
 
 from knnmem import MemorizingConfig, MemorizingTransformer  # noqa: E402
 from knnmem.positions import apply_rotary, rope_angles  # noqa: E402
@@ -109,7 +110,7 @@ def main() -> None:
                                                                  heads=args.heads, memory_layers=[])),
         "reference": lambda: ReferenceLM(args.vocab, args.dim, args.depth, args.heads),
     }
-    result = {"machine": machine_info(), "settings": vars(args), "chance": math.log(args.vocab), "models": {}}
+    result = {"machine": machine_info(), "settings": recorded_options(args), "chance": math.log(args.vocab), "models": {}}
     for name, make in models.items():
         if name not in args.models:
             continue

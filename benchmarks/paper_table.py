@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, write_json  # noqa: E402
+from knnmem.corpus import recorded_options  # noqa: E402
 
 from knnmem import MemorizingConfig, MemorizingTransformer  # noqa: E402
 from knnmem import corpus  # noqa: E402
@@ -258,7 +259,7 @@ def main() -> None:
     if unknown:
         p.error(f"--configs: unknown {sorted(unknown)}; choose from {list(configs)}")
     out = args.out or f"benchmarks/results/paper_table_{preset}.json"
-    result = {"machine": machine_info(), "settings": vars(args), "paper": PAPER, "configs": {}}
+    result = {"machine": machine_info(), "settings": recorded_options(args), "paper": PAPER, "configs": {}}
     for seed in args.seeds:
         data = documents(args, seed)
         result["documents"] = {"train": len(data[0]), "validation": len(data[1]), "tokens_each": args.doc_tokens}

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import machine_info, write_json  # noqa: E402
+from knnmem.corpus import recorded_options  # noqa: E402
 from paper_table import utf8_bytes  # noqa: E402
 
 from knnmem import MemorizingConfig, MemorizingTransformer, corpus  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
     train_docs = torch.stack(document_pieces(train_paths, utf8_bytes, args.doc_tokens, 400))
     val_docs = document_pieces(validation_paths, utf8_bytes, args.doc_tokens, 8)
     settings = TrainSettings(steps=args.steps, lr=args.lr, warmup=40)
-    result = {"machine": machine_info(), "settings": vars(args), "arms": {}}
+    result = {"machine": machine_info(), "settings": recorded_options(args), "arms": {}}
     for arm in args.arms:
         torch.manual_seed(0)
         model = MemorizingTransformer(MemorizingConfig(vocab_size=256, dim=128, depth=4, heads=4, memory_layers=[],

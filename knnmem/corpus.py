@@ -88,6 +88,21 @@ def display_name(path: str) -> str:
     return os.path.basename(path)
 
 
+def portable(value: object) -> object:
+    """`value` with every absolute path in it (a string, or one in a list) named by `display_name`."""
+    if isinstance(value, str) and os.path.isabs(value):
+        return display_name(value)
+    if isinstance(value, (list, tuple)):
+        return [portable(item) for item in value]
+    return value
+
+
+def recorded_options(args, leave_out: tuple[str, ...] = ()) -> dict:
+    """A command's options (an argparse namespace) as results record them: without `leave_out`,
+    and with no absolute path of this machine."""
+    return {name: portable(value) for name, value in vars(args).items() if name not in leave_out}
+
+
 def read_text(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -358,3 +359,23 @@ def test_recall_questions_continue_a_cached_context_as_if_it_were_read_with_them
     # each candidate is scored as if read alone after the prefix
     alone = [candidate_scores(model, context + question, [c])[0] for c in candidates]
     assert cached == pytest.approx(alone, abs=1e-4)
+
+
+def test_recorded_options_name_no_path_of_this_machine():
+    import argparse
+    import glob
+    import sysconfig
+
+    from knnmem.corpus import recorded_options
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    args = argparse.Namespace(json="/tmp/x/out.json", data=[os.path.join(stdlib, "json", "decoder.py"), "rel/a.py"],
+                              plot="eval_results/p.png", layer_list=[1], steps=3)
+    assert recorded_options(args, ("layer_list",)) == {
+        "json": "out.json", "data": [os.path.join("json", "decoder.py"), "rel/a.py"], "plot": "eval_results/p.png",
+        "steps": 3}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "benchmarks", "results", "*.json")):
+        with open(path) as f:
+            text = f.read()
+        assert not re.search(r'"(/tmp|/work|/root|/home)/', text), f"{path} records a path of this machine"

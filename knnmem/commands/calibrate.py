@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     patch(model, heads=result["heads"])
     save_patch(model, args.output)
     unpatch(model)
-    payload = {"model": description, "settings": vars(args), "documents": [int(d.numel()) for d in documents],
+    payload = {"model": description, "settings": corpus.recorded_options(args), "documents": [int(d.numel()) for d in documents],
                **result, "environment": environment()}
     write_json(os.path.join(args.output, CALIBRATION_FILE), payload, indent=1)
     for name, ppl in result["runs"].items():

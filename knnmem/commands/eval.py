@@ -159,7 +159,7 @@ def run_settings(args) -> PerplexityRun:
 
 def recorded_settings(args) -> dict:
     """The options as the results record them (no paths of this machine)."""
-    return {**{k: v for k, v in vars(args).items() if k not in ("layer_list", "head_pairs", "checkpoint_info")},
+    return {**corpus.recorded_options(args, ("layer_list", "head_pairs", "checkpoint_info")),
             "data": [corpus.display_name(p) for p in args.data] if args.data else None,
             "checkpoint": corpus.display_name(os.path.normpath(args.checkpoint)) if args.checkpoint else None}
 

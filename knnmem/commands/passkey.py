@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .. import corpus
 from ..eval import passkey
 from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passkey
 from ..eval.report import write_json
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     heads = memory_heads(parser, args.heads, args.model)
     model, tokenizer, description = load_or_exit(parser, args.model, args.device)
     def payload_of(results: dict) -> dict:
-        return {"model": description, "settings": vars(args), "native_context": native_context(model),
+        return {"model": description, "settings": corpus.recorded_options(args), "native_context": native_context(model),
                 "accuracy": results}
 
     results = evaluate_configs(model, tokenizer, args.configs, args.lengths, args.depths, args.trials,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from .. import corpus
 from ..eval import recall
 from ..eval.recall import (CONFIGS, DEFAULT_FAMILIES, FAMILIES, RecallRun, all_facts, evaluate_recall,
                            memorised_tokens, plot_recall, print_recall, questions)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         if tokens < 2 ** args.pq_bits:
             parser.error(f"--pq-bits {args.pq_bits}: the codebooks are learnt from the memorised text, which has "
                          f"{tokens} tokens, fewer than 2**{args.pq_bits}: give more --facts or lower --pq-bits")
-    settings = {k: v for k, v in vars(args).items() if k not in ("layer_list", "storage")}
+    settings = corpus.recorded_options(args, ("layer_list", "storage"))
     payload = evaluate_recall(model, tokenizer, description, run_settings(args), settings)
     print_recall(payload)
     write_json(args.json, payload)
