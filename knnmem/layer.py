@@ -189,13 +189,11 @@ class KNNAttention(CausalAttention):
         if memory is not None and not isinstance(memory, KNNMemory):
             raise TypeError(f"memory must be a KNNMemory or None, got {type(memory).__name__}")
         self._owns_memory = memory is None
+        self._memory_options = dict(heads=self.kv_heads, head_dim=self.head_dim, max_memories=max_memories,
+                                    backend=memory_backend, pinned=pinned, normalize=logits == "normalized")
         # An owned memory exists from the start (empty, one row, on the CPU); the first forward
         # replaces it by one of the input's batch size and device while it is empty.
-        self.memory = memory if memory is not None else self._new_memory(1, torch.device("cpu"))
-
-    def _new_memory(self, batch_size: int, device: torch.device) -> KNNMemory:
-        return KNNMemory(batch_size, self.kv_heads, self.head_dim, self.max_memories, backend=self.memory_backend,
-                         pinned=self.pinned, normalize=self.logits == "normalized", device=device)
+        self.memory = memory if memory is not None else KNNMemory(1, **self._memory_options)
 
     def extra_repr(self) -> str:
         stored = self.memory.counts.tolist()
@@ -204,12 +202,8 @@ class KNNAttention(CausalAttention):
                 f"pinned={self.pinned}, stored={stored}")
 
     def _memory_for(self, x: torch.Tensor) -> KNNMemory:
-        if self._owns_memory and not len(self.memory) and self.memory.device != x.device:
-            self.memory = self._new_memory(x.shape[0], x.device)
-        self.memory = memory_for_batch(
-            self.memory, x.shape[0], "reset_memory()", owned=self._owns_memory, heads=self.kv_heads, head_dim=self.head_dim,
-            max_memories=self.max_memories, backend=self.memory_backend, pinned=self.pinned,
-            normalize=self.logits == "normalized", device=x.device)
+        self.memory = memory_for_batch(self.memory, x.shape[0], "reset_memory()", owned=self._owns_memory,
+                                       device=x.device, **self._memory_options)
         expected = (self.kv_heads, self.head_dim, self.logits == "normalized")
         if (self.memory.heads, self.memory.head_dim, self.memory.normalize) != expected:
             raise ValueError(f"memory must have heads={expected[0]}, head_dim={expected[1]}, "

@@ -411,8 +411,11 @@ def memory_for_batch(memory: KNNMemory | None, batch_size: int, reset_hint: str,
                      **options) -> KNNMemory:
     """The memory to use for a batch of `batch_size` rows: `memory` itself, or a new
     `KNNMemory(batch_size, **options)` when there is none or when an empty one that we `owned`
-    has another batch size. A non-empty memory, or a user's own, of another batch size raises
-    (rows are documents in progress); `reset_hint` names the call that empties it."""
+    has another batch size or device. A non-empty memory, or a user's own, of another batch size
+    raises (rows are documents in progress); `reset_hint` names the call that empties it."""
+    device = torch.device(options.get("device") or "cpu")
+    if memory is not None and owned and not len(memory) and memory.device != device:
+        memory = None
     if memory is not None and memory.batch_size != batch_size:
         if not owned:
             raise ValueError(f"the memory given has batch_size={memory.batch_size}, but the input has "

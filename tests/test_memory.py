@@ -504,3 +504,15 @@ def test_neighbours_are_the_stored_tokens_next_in_the_document(written, pinned):
     assert torch.equal(memory.with_neighbours(indices, 0), indices)
     with pytest.raises(ValueError, match="n must be a non-negative integer"):
         memory.with_neighbours(indices, -1)
+
+
+def test_an_empty_owned_memory_follows_the_input_to_its_device_and_batch():
+    from knnmem.memory import memory_for_batch
+
+    options = dict(heads=1, head_dim=4, max_memories=8)
+    empty = KNNMemory(1, **options)
+    moved = memory_for_batch(empty, 2, "reset()", device=torch.device("meta"), **options)
+    assert moved is not empty and moved.device.type == "meta" and moved.batch_size == 2
+    assert memory_for_batch(empty, 1, "reset()", owned=False, device=torch.device("meta"), **options) is empty
+    empty.add(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4))
+    assert memory_for_batch(empty, 1, "reset()", device=torch.device("meta"), **options) is empty  # holds tokens

@@ -60,6 +60,14 @@ def check_positive(parser: argparse.ArgumentParser, args, *names: str) -> None:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
 
 
+def check_non_negative(parser: argparse.ArgumentParser, args, *names: str) -> None:
+    """Each option `names` that is given (not None) must be >= 0."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+
 def check_results_writable(parser: argparse.ArgumentParser, paths: list[str]) -> None:
     for path in paths:
         try:

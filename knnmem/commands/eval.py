@@ -23,8 +23,8 @@ from ..eval.scoring import KINDS
 from ..positions import POLICIES
 from ..search import BACKENDS
 from ..train.trainable import TRAINED_FILE, check_trained_fits, read_retrofit
-from .common import (HelpFormatter, check_layers, check_positive, check_results_writable, default_device, memory_heads,
-                     parse_layers, start_command)
+from .common import (HelpFormatter, check_layers, check_non_negative, check_positive, check_results_writable,
+                     default_device, memory_heads, parse_layers, start_command)
 
 TASKS = ("perplexity", "recall")
 # Memory settings a fine-tuned checkpoint fixes (it was trained with them).
@@ -103,11 +103,7 @@ def validate(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--min-tokens must be at least 2, got {args.min_tokens}")
     if args.window is not None and args.window < args.segment:
         parser.error(f"--window ({args.window}) must be at least --segment ({args.segment})")
-    if args.context is not None and args.context < 0:
-        parser.error(f"--context must be >= 0, got {args.context}")
-    for name in ("distance", "neighbours"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    check_non_negative(parser, args, "context", "distance", "neighbours")
     for size in [args.memory, *args.memory_sweep]:
         if size <= 0:
             parser.error(f"--memory and --memory-sweep sizes must be positive, got {size}")

@@ -14,8 +14,8 @@ from ..eval.passkey import CONFIGS, evaluate_configs, plot_passkey, print_passke
 from ..eval.report import write_json
 from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_QUERY_BLOCK, DEFAULT_TOPK
 from ..hf import native_context
-from .common import (HelpFormatter, check_positive, check_results_writable, default_device, finite_float, load_or_exit,
-                     memory_heads)
+from .common import (HelpFormatter, check_non_negative, check_positive, check_results_writable, default_device,
+                     finite_float, load_or_exit, memory_heads)
 
 # The help page: the usage lines above, then the task as knnmem.eval.passkey describes it.
 DESCRIPTION = __doc__ + "\n" + passkey.__doc__.split("\n\n", 1)[1]
@@ -50,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(parser: argparse.ArgumentParser, args) -> None:
     check_positive(parser, args, "segment", "memory", "topk", "trials", "query_block")
-    for name in ("neighbours", "distance"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    check_non_negative(parser, args, "neighbours", "distance")
     if any(n <= args.segment for n in args.lengths):
         parser.error(f"--lengths must all exceed --segment ({args.segment}), got {args.lengths}")
     if any(not 0 <= d <= 1 for d in args.depths):
