@@ -47,6 +47,9 @@ SETTINGS = {
     "distance 2048, top-32, query block 16": {"distance": 2048, "topk": 32, "query_block": 16},
     "every head, distance 2048, top-16, query block 8": {"heads": None, "distance": 2048, "topk": 16,
                                                           "query_block": 8},
+    "distance 2048, top-8, memory 4096": {"distance": 2048, "topk": 8, "max_memories": 4096},
+    "distance 2048, top-8, memory 8192": {"distance": 2048, "topk": 8, "max_memories": 8192},
+    "distance 2048, top-8, memory 16384": {"distance": 2048, "topk": 8, "max_memories": 16384},
 }
 
 

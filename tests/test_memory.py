@@ -415,6 +415,22 @@ def test_blocked_exact_search_equals_brute_force():
         assert torch.equal(indices[row, 0], expected_i)
 
 
+def test_grouped_chunk_topk_equals_topk():
+    """The group-maxima top-k: ragged widths, masked (-inf) tails, fewer finite scores than k."""
+    from knnmem.search import _chunk_topk
+
+    g = torch.Generator().manual_seed(1)
+    for width, k, finite in [(5000, 8, 5000), (4097, 3, 4000), (2048, 8, 5), (300, 8, 300)]:
+        scores = torch.randn(2, 3, 7, width, generator=g)
+        scores[..., finite:] = float("-inf")
+        top_s, top_i = _chunk_topk(scores, k)
+        expected_s, _ = scores.topk(k, dim=-1)
+        torch.testing.assert_close(top_s.sort(-1, descending=True).values, expected_s, atol=0, rtol=0)
+        real = torch.isfinite(top_s)
+        assert (top_i[real] < finite).all()
+        torch.testing.assert_close(scores.gather(-1, top_i.clamp(max=width - 1))[real], top_s[real], atol=0, rtol=0)
+
+
 def test_slots_grow_with_what_is_written_not_with_capacity(tmp_path):
     memory = KNNMemory(2, 3, 8, max_memories=65536, normalize=False)
     assert memory.keys.shape == (2, 3, 0, 8) and memory.keys.nbytes == 0

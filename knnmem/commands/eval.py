@@ -15,7 +15,7 @@ import os
 import torch.distributed as dist
 
 from .. import corpus
-from ..eval.perplexity import DEFAULT_CONFIGS, PerplexityRun, evaluate_perplexity, select_documents
+from ..eval.perplexity import DEFAULT_CONFIGS, DEFAULT_MEMORY, PerplexityRun, evaluate_perplexity, select_documents
 from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_QUERY_BLOCK, DEFAULT_TOPK
 from ..hf import native_context
 from ..eval.report import print_row, print_table, save_plot, write_json
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--data: two segments)")
     p.add_argument("--segment", type=int, default=512, help="tokens per segment")
     p.add_argument("--configs", nargs="+", choices=KINDS, default=DEFAULT_CONFIGS)
-    p.add_argument("--memory", type=int, default=65536, help="memory size (tokens per layer and head)")
+    p.add_argument("--memory", type=int, default=DEFAULT_MEMORY,
+                   help="memory size (tokens per layer and head; the first --pinned kept, then the most recent)")
     p.add_argument("--memory-sweep", type=int, nargs="*", default=[],
                    help="also run each memory config at these sizes (configs NAME@N), for the plot by size")
     p.add_argument("--pinned", type=int, default=None,
