@@ -50,6 +50,9 @@ SETTINGS = {
     "distance 2048, top-8, memory 4096": {"distance": 2048, "topk": 8, "max_memories": 4096},
     "distance 2048, top-8, memory 8192": {"distance": 2048, "topk": 8, "max_memories": 8192},
     "distance 2048, top-8, memory 16384": {"distance": 2048, "topk": 8, "max_memories": 16384},
+    "distance 2048, top-8, IVF search": {"distance": 2048, "topk": 8, "memory_backend": "ivf"},
+    "distance 2048, top-8, memory 8192, IVF search": {"distance": 2048, "topk": 8, "max_memories": 8192,
+                                                      "memory_backend": "ivf"},
 }
 
 
