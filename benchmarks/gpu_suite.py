@@ -176,7 +176,8 @@ def step_cost(args, deadline: float) -> dict:
     ids = torch.randint(shape["vocab_size"], (tokens,), generator=torch.Generator().manual_seed(0))
     heads = None if args.rehearse else saved_settings(BUNDLED_CALIBRATION)["heads"]
     run = PerplexityRun(configs=("xl", "long", "xl+memory"), segment=128 if args.rehearse else 512,
-                        window=512 if args.rehearse else 8192, max_tokens=tokens, heads=heads)
+                        window=512 if args.rehearse else 8192, max_tokens=tokens,
+                        patch_options={"heads": heads})
     result = evaluate_perplexity(model, "random weights, SmolLM2-135M's shape" if not args.rehearse else "tiny",
                                  [("random.txt", ids)], run)
     configs = {name: {"tokens_per_s": c["tokens_per_s"], "seconds": c["seconds"], "memory": c["memory"]}

@@ -395,6 +395,15 @@ def test_a_huge_max_tokens_sizes_nothing_beyond_the_documents_read():
     assert len(result["configs"]["none"]["ppl_by_segment"]) == 3 and result["configs"]["none"]["tokens"] == 39 + 23
 
 
+def test_an_eval_run_takes_only_options_of_patch():
+    from knnmem.eval.perplexity import PerplexityRun
+
+    assert PerplexityRun(patch_options={"topk": 4, "heads": [[0, 1]]}).patch_options["topk"] == 4
+    for bad in ({"max_memories": 1024}, {"top_k": 4}):
+        with pytest.raises(ValueError, match="patch_options: .* not options of knnmem.patch"):
+            PerplexityRun(patch_options=bad)
+
+
 def test_saved_files_get_the_mode_of_any_new_file(tmp_path):
     from knnmem.files import write_json
 

@@ -146,12 +146,13 @@ def _validate_checkpoint(parser: argparse.ArgumentParser, args) -> None:
 
 
 def run_settings(args) -> PerplexityRun:
+    patch_options = dict(pinned=args.pinned, topk=args.topk, neighbours=args.neighbours, query_block=args.query_block,
+                         layers=args.layer_list, mode=args.mode, position=args.position, distance=args.distance,
+                         memory_backend=args.memory_backend, heads=args.head_pairs)
     return PerplexityRun(
         configs=args.configs, segment=args.segment, window=args.window, context=args.context,
-        max_tokens=args.max_tokens, memory=args.memory, memory_sweep=args.memory_sweep, pinned=args.pinned,
-        topk=args.topk, neighbours=args.neighbours, query_block=args.query_block, layers=args.layer_list,
-        mode=args.mode, position=args.position, distance=args.distance, memory_backend=args.memory_backend,
-        heads=args.head_pairs, checkpoint=args.checkpoint)
+        max_tokens=args.max_tokens, memory=args.memory, memory_sweep=args.memory_sweep,
+        patch_options=patch_options, checkpoint=args.checkpoint)
 
 
 def recorded_settings(args) -> dict:

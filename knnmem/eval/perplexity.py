@@ -4,19 +4,19 @@ them and gathers the results (summed over processes under torchrun)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from .. import corpus
-from ..handle import DEFAULT_DISTANCE, DEFAULT_NEIGHBOURS, DEFAULT_QUERY_BLOCK, DEFAULT_TOPK
 from ..patch import patch, unpatch
 from ..stream import windows
 from ..train.trainable import load_trained
@@ -29,6 +29,7 @@ LONG_DOCUMENT = 16384  # default corpus: documents shorter than this (or max_tok
 # 64K: the best perplexity on both genres, at 1.5x the time per token of xl (README, "Where memory
 # sits"); a memory never overwritten (64K) was worse and 2.1x.
 DEFAULT_MEMORY = 8192
+PATCH_OPTIONS = set(inspect.signature(patch).parameters) - {"model", "max_memories"}
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,11 @@ class PerplexityRun:
     """What an evaluation runs. configs: kinds of `knnmem.eval.scoring`, each once; memory kinds
     with `memory` tokens of memory, and again at each other size of `memory_sweep` (named KIND@N).
     segment: scored tokens per window; window: the context of `long`; context: the local context of
-    `xl` and `xl+memory` (None: one segment); max_tokens: the longest a
-    document is (for the sums by segment index). Memory kinds patch the model (`knnmem.patch`)
-    with layers (None: all), topk, neighbours, query_block, mode, position, distance,
-    memory_backend and pinned; with a
-    `checkpoint` (a `knnmem train` output) they run the fine-tuned retrofit, loaded once, instead.
-    heads: the (layer, head) pairs that read memory (e.g. a calibration's); None: every head."""
+    `xl` and `xl+memory` (None: one segment); max_tokens: the longest a document is (for the sums
+    by segment index). Memory kinds patch the model with `knnmem.patch(model, max_memories=size,
+    **patch_options)` (e.g. {"heads": a calibration's (layer, head) pairs, "topk": 8}; {}: patch's
+    defaults); with a `checkpoint` (a `knnmem train` output) they run the fine-tuned retrofit,
+    loaded once, instead."""
 
     configs: Sequence[str] = tuple(DEFAULT_CONFIGS)
     segment: int = 512
@@ -50,17 +50,14 @@ class PerplexityRun:
     max_tokens: int = 16384
     memory: int = DEFAULT_MEMORY
     memory_sweep: Sequence[int] = ()
-    pinned: int | None = None
-    topk: int = DEFAULT_TOPK
-    neighbours: int = DEFAULT_NEIGHBOURS
-    query_block: int = DEFAULT_QUERY_BLOCK
-    layers: list[int] | None = None
-    mode: str = "joint"
-    position: str = "constant"
-    distance: int = DEFAULT_DISTANCE
-    memory_backend: str = "auto"
-    heads: list[list[int]] | None = None  # (layer, head) pairs that read memory (a calibration); None: all
+    patch_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.patch_options) - PATCH_OPTIONS
+        if unknown:
+            raise ValueError(f"patch_options: {sorted(unknown)} are not options of knnmem.patch "
+                             f"(choose from {sorted(PATCH_OPTIONS)}; the memory size is `memory`)")
 
     @property
     def segments_per_document(self) -> int:
@@ -82,10 +79,7 @@ class PerplexityRun:
         """Patch `model` for a memory configuration (or load the fine-tuned checkpoint, once)."""
         if self.checkpoint is not None:
             return getattr(model, "knnmem", None) or load_trained(model, self.checkpoint)
-        return patch(model, layers=self.layers, topk=self.topk, max_memories=size, mode=self.mode,
-                     position=self.position, distance=self.distance, memory_backend=self.memory_backend,
-                     pinned=self.pinned, heads=self.heads, neighbours=self.neighbours,
-                     query_block=self.query_block)
+        return patch(model, max_memories=size, **self.patch_options)
 
 
 class Totals(NamedTuple):
