@@ -1,13 +1,17 @@
 """When does copying emerge? knnmem's `MemorizingTransformer` beside a plain reference transformer
 written here in a few lines of torch (no knnmem code), on the same copy task, in one run.
 
-    python benchmarks/copy_emergence.py                    # CPU: 1,500 steps each (about 15 minutes)
+    python benchmarks/copy_emergence.py                    # one sparse span per row: 1,500 steps each (about 15 minutes)
+    python benchmarks/copy_emergence.py --corpus motifs --repeats 3 --vocab 64 --dim 64 --heads 2 --lr 3e-3
     python benchmarks/copy_emergence.py --steps 20000 --batch-size 64 --device cuda
     python benchmarks/copy_emergence.py --distance 48 --steps 400 --batch-size 16 --models knnmem  # by position
 
-The task (the control corpus's mechanism, in one segment): sequences of `--length` random tokens in
-which one span of `--span` tokens recurs at a random distance in [span, 2 span]. A copied token can
-be predicted only by finding where the previous token occurred before (an induction circuit:
+Two tasks. `spans` (the first control's mechanism, in one segment): sequences of `--length` random
+tokens in which one span of `--span` tokens recurs at a random distance in [span, 2 span]. `motifs`
+(the control corpus now, `knnmem.synthetic.repeated_motifs` without far recurrences): windows of
+`--length` tokens cut at random from documents of random motifs of `--motif` tokens, each written
+`--repeats` times in a row; scored: the copies whose source lies inside the window. A copied token
+can be predicted only by finding where the previous token occurred before (an induction circuit:
 a previous-token head, then a content match); a fixed distance could be learnt by position alone,
 which kNN memories (stored without positions) cannot use. Both models: vanilla (no memory, no XL),
 the same width, depth, heads, RoPE, pre-norm, tied embeddings, init and optimizer. Reported every
@@ -30,6 +34,7 @@ from knnmem.corpus import recorded_options  # noqa: E402
 
 from knnmem import MemorizingConfig, MemorizingTransformer  # noqa: E402
 from knnmem.positions import apply_rotary, rope_angles  # noqa: E402
+from knnmem.synthetic import repeated_motifs  # noqa: E402
 
 
 class ReferenceBlock(nn.Module):
@@ -70,6 +75,25 @@ class ReferenceLM(nn.Module):
         return self.norm(x) @ self.embed.weight.T
 
 
+MOTIF_DOCUMENT = 8192  # tokens per motifs document the windows are cut from
+MOTIF_DOCUMENTS = 64
+
+
+def motif_documents(args, g: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [repeated_motifs(MOTIF_DOCUMENT, args.vocab, [], tuple(args.motif), args.repeats, 0.0, g)
+            for _ in range(MOTIF_DOCUMENTS)]
+
+
+def motif_batch(args, documents, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, length), copied (B, length) bool): random windows of the motif documents; copied:
+    the tokens whose copy source lies inside the window."""
+    rows = torch.randint(len(documents), (args.batch_size,), generator=g).tolist()
+    starts = torch.randint(MOTIF_DOCUMENT - args.length + 1, (args.batch_size,), generator=g).tolist()
+    ids = torch.stack([documents[r][0][s:s + args.length] for r, s in zip(rows, starts)])
+    distance = torch.stack([documents[r][1][s:s + args.length] for r, s in zip(rows, starts)])
+    return ids, (distance > 0) & (distance <= torch.arange(args.length))
+
+
 def batch(args, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, length), copied (B, length) bool): one recurring span per row."""
     ids = torch.randint(args.vocab, (args.batch_size, args.length), generator=g)
@@ -89,9 +113,13 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--length", type=int, default=128)
-    p.add_argument("--span", type=int, default=32)
+    p.add_argument("--corpus", choices=["spans", "motifs"], default="spans")
+    p.add_argument("--span", type=int, default=32, help="spans: tokens of the recurring span")
+    p.add_argument("--motif", type=int, nargs=2, default=[8, 24], metavar=("SHORTEST", "LONGEST"),
+                   help="motifs: tokens per motif")
+    p.add_argument("--repeats", type=int, default=3, help="motifs: times each motif is written in a row")
     p.add_argument("--distance", type=int, default=0,
-                   help="a fixed distance back (learnable by position alone); 0: random in [span, 2 span]")
+                   help="spans: a fixed distance back (learnable by position alone); 0: random in [span, 2 span]")
     p.add_argument("--models", nargs="+", choices=["knnmem", "reference"], default=["knnmem", "reference"])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
@@ -101,8 +129,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results/copy_emergence_cpu.json")
     args = p.parse_args()
-    if not 3 * args.span <= args.length:
+    if args.corpus == "spans" and not 3 * args.span <= args.length:
         p.error(f"--length must be at least 3 x --span ({3 * args.span}), got {args.length}")
+    if args.distance and args.corpus == "motifs":
+        p.error("--distance is an option of --corpus spans")
     if args.distance and not args.span <= args.distance <= args.length - args.span:
         p.error(f"--distance must be in [--span, --length - --span], got {args.distance}")
     models = {
@@ -118,9 +148,11 @@ def main() -> None:
         model = make().to(args.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
         g = torch.Generator().manual_seed(args.seed)  # the same batches for both models
+        documents = motif_documents(args, g) if args.corpus == "motifs" else None
         curve, start, window = [], time.perf_counter(), []
         for step in range(1, args.steps + 1):
-            ids, copied = (t.to(args.device) for t in batch(args, g))
+            made = batch(args, g) if documents is None else motif_batch(args, documents, g)
+            ids, copied = (t.to(args.device) for t in made)
             logits = model(ids)
             logits = logits.logits if hasattr(logits, "logits") else logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, args.vocab), ids[:, 1:].reshape(-1),

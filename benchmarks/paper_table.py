@@ -13,14 +13,18 @@ Configurations (Wu et al. 2022, Table 4's rows at a size that fits the budget):
 - memory-<M>+xl: XL cache plus one kNN memory layer at 75% depth holding M tokens.
 - NAME-fresh (--fresh): the same XL model trained with its cache recomputed by the current weights
   before each segment (`TrainSettings.refresh_cache`); the cache of `xl` is one optimizer step old.
+With `--pretrain N`, one vanilla model is trained N steps first and every configuration starts from
+its weights (the memory layers' gate and scale from their init), then trains `--steps` more: the
+Focused Transformer's recipe (a model that already copies locally, then its memory).
 
 Corpora: `bytes` (the standard library's largest .py files as UTF-8 bytes, pieces of
-`--doc-tokens`, train/validation split by file) or `recurring` (`knnmem.synthetic.recurring_spans`:
-random tokens among which spans recur verbatim at `--distances`, generated from the seed; a
-copied token can only be predicted by looking back exactly its distance, so the loss on copies at
-distance d says whether a model reaches d). Every model is a `knnmem.MemorizingTransformer`
-trained by `knnmem.train.train` on documents read segment by segment with memory cleared per
-document. Prints a table and writes JSON (+ PNG) after every configuration.
+`--doc-tokens`, train/validation split by file) or `motifs` (`knnmem.synthetic.repeated_motifs`:
+random motifs of `--motif` tokens, each repeated `--repeats` times in a row, where copying is
+learnt; a fraction `--recurring` of them recur from exactly `--distances` back, generated from
+the seed; such a copy can only be predicted by looking back its distance, so the loss on copies
+at distance d says whether a model reaches d; `local` is the loss on the repeats). Every model is
+a `knnmem.MemorizingTransformer` trained by `knnmem.train.train` on documents read segment by
+segment with memory cleared per document. Prints a table and writes JSON (+ PNG) after every configuration.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from knnmem.corpus import recorded_options  # noqa: E402
 from knnmem import MemorizingConfig, MemorizingTransformer  # noqa: E402
 from knnmem import corpus  # noqa: E402
 from knnmem.corpus import document_pieces  # noqa: E402
-from knnmem.synthetic import recurring_spans  # noqa: E402
+from knnmem.synthetic import repeated_motifs  # noqa: E402
 from knnmem.train import TrainSettings, token_losses, train  # noqa: E402
 
 # The paper's numbers for these rows (perplexity, 12-layer models, Table 4 / Figure 1), quoted
@@ -48,17 +52,19 @@ from knnmem.train import TrainSettings, token_losses, train  # noqa: E402
 PAPER = {"arxiv": {"vanilla": 3.29, "xl": 2.67, "memory-65536+xl": 2.31},
          "pg19": {"vanilla": 13.71, "xl": 12.34, "memory-65536+xl": 11.62}}
 
-# The known-answer control (--preset control): its corpus, models and CPU budget.
-CONTROL = dict(corpus="recurring", vocab=512, depth=2, span=16, copied=0.3, distances=[16, 16, 192, 768, 3072],
-           memory_sizes=[1024, 4096], configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
-           batch_size=16, steps=800, max_docs=240, val_docs=8, warmup=30, lr=1e-3)
+# The known-answer control (--preset control): its corpus, models and CPU budget. Small enough that
+# copying emerges within the budget on 2 cores (a 2-layer model learns it from the local repeats).
+CONTROL = dict(corpus="motifs", vocab=64, dim=64, depth=2, heads=2, motif=[8, 24], repeats=6, recurring=0.5,
+               distances=[192, 768, 3072], memory_sizes=[1024, 4096],
+               configs=["vanilla", "xl", "memory-1024+xl", "memory-4096+xl"],
+               batch_size=32, steps=2000, max_docs=1000, val_docs=16, warmup=50, lr=3e-3)
 
 PRESETS = {
     "cpu": {},  # the defaults below: real bytes, 0.8M parameters, minutes per configuration on 2 cores
     # the known answer: every model can learn to copy within its segment; only its reach differs
     "control": CONTROL,
-    # the control where copying can emerge (one H100/H200, about 2 minutes; see copy_emergence.py)
-    "control-gpu": {**CONTROL, "batch_size": 32, "steps": 6000, "max_docs": 800, "val_docs": 16, "warmup": 100},
+    # the control at 3x the steps and 2x the width (one H100/H200, a few minutes)
+    "control-gpu": {**CONTROL, "dim": 128, "heads": 4, "steps": 6000, "max_docs": 3000, "val_docs": 32, "warmup": 100},
     # the budget curve on real bytes: validation along the way, 4x the default budget
     "curve": dict(steps=1600, validate_every=200, configs=["vanilla", "xl", "wide-2x", "memory-1536+xl"], wide=2,
                   max_docs=1000),
@@ -79,7 +85,8 @@ def utf8_bytes(text: str) -> list[int]:
 
 def configurations(args) -> dict[str, tuple[MemorizingConfig, int, bool]]:
     """name -> (model config, local context of the reader, refresh the XL cache in training)."""
-    base = dict(vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads, topk=args.topk)
+    base = dict(vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads, topk=args.topk,
+                memory_position=args.memory_position)
     configs = {
         "vanilla": (MemorizingConfig(**base, memory_layers=[]), 0, False),
         "xl": (MemorizingConfig(**base, memory_layers=[], xl_cache=True), 0, False),
@@ -100,27 +107,51 @@ def documents(args, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], 
         return (document_pieces(train_paths, utf8_bytes, args.doc_tokens, args.max_docs),
                 document_pieces(validation_paths, utf8_bytes, args.doc_tokens, args.val_docs), None)
     g = torch.Generator().manual_seed(seed)
-    make = lambda: recurring_spans(args.doc_tokens, args.vocab, args.distances, args.span, args.copied, g)  # noqa: E731
+    make = lambda: repeated_motifs(args.doc_tokens, args.vocab, args.distances, tuple(args.motif), args.repeats,  # noqa: E731
+                                   args.recurring, g)
     train_docs = [make()[0] for _ in range(args.max_docs)]
     validation = [make() for _ in range(args.val_docs)]
     return train_docs, [t for t, _ in validation], torch.stack([d for _, d in validation])
 
 
-def scores(losses: torch.Tensor, distances: torch.Tensor | None, distance_list: list[int]) -> dict:
-    """Held-out perplexity; on the control corpus also the mean loss (nats) of copied tokens at
-    each distance and of the unpredictable rest. losses: (n, N - 1) from token_losses."""
+def scores(losses: torch.Tensor, distances: torch.Tensor | None, distance_list: list[int], longest_motif: int) -> dict:
+    """Held-out perplexity; on the control corpus also the mean loss (nats) of the local repeats
+    (copies at most `longest_motif` back), of the recurrences at each distance, and of the
+    rest. losses: (n, N - 1) from token_losses."""
     result = {"validation_ppl": math.exp(losses.double().mean().item())}
     if distances is not None:
         scored = distances[:, 1:]  # losses[:, j - 1] scores token j
-        result["copy_loss_by_distance"] = {str(d): losses[scored == d].mean().item() for d in distance_list}
+        local = (scored > 0) & (scored <= longest_motif)
+        result["copy_loss_by_distance"] = {"local": losses[local].mean().item(),
+                                           **{str(d): losses[scored == d].mean().item() for d in distance_list}}
         result["rest_loss"] = losses[scored == 0].mean().item()
     return result
 
 
-def train_one(args, config: MemorizingConfig, context: int, refresh: bool, seed: int, data) -> dict:
+def pretrain(args, seed: int, train_docs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of the vanilla model after `--pretrain` steps (the start of every configuration)."""
+    torch.manual_seed(seed)
+    model = MemorizingTransformer(configurations(args)["vanilla"][0]).to(args.device)
+    train(model, train_docs, TrainSettings(steps=args.pretrain, lr=args.lr, lr_memory=None, warmup=args.warmup,
+                                           batch_size=args.batch_size, segment=args.segment, validate_every=0,
+                                           save_every=0, seed=seed))
+    return model.state_dict()
+
+
+def start_from(model: MemorizingTransformer, weights: dict[str, torch.Tensor]) -> None:
+    """Load the pretrained vanilla weights; only the memory layers' own gate and scale keep their init."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not name.endswith((".gate", ".memory_scale")) for name in missing):
+        raise RuntimeError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
+
+
+def train_one(args, config: MemorizingConfig, context: int, refresh: bool, seed: int, data,
+              weights: dict[str, torch.Tensor] | None = None) -> dict:
     train_docs, val_docs, val_distances = data
     torch.manual_seed(seed)
     model = MemorizingTransformer(config).to(args.device)
+    if weights is not None:
+        start_from(model, weights)
     settings = TrainSettings(steps=args.steps, lr=args.lr, lr_memory=None, warmup=args.warmup,
                              batch_size=args.batch_size, segment=args.segment, context=context,
                              validate_every=args.validate_every, save_every=0, seed=seed, refresh_cache=refresh)
@@ -130,7 +161,7 @@ def train_one(args, config: MemorizingConfig, context: int, refresh: bool, seed:
     losses = token_losses(model, val_docs, args.segment, context, args.batch_size)
     tokens_per_step = args.batch_size * args.segment
     return {
-        **scores(losses, val_distances, args.distances), "seed": seed,
+        **scores(losses, val_distances, args.distances, args.motif[1]), "seed": seed,
         "train_tokens": log["tokens"], "train_seconds": seconds, "train_tokens_per_s": log["tokens"] / seconds,
         "final_train_loss": sum(log["history"][-20:]) / len(log["history"][-20:]), "loss_history": log["history"],
         "validation_curve": [{"train_tokens": v["step"] * tokens_per_step, "ppl": v["ppl"]} for v in log["validation"]],
@@ -183,7 +214,8 @@ def save_plot(result: dict, path: str) -> None:
     if copies:  # the control: loss on copied tokens against how far back their copy is
         for name, c in configs.items():
             d = c["summary"]["copy_loss_by_distance"]
-            left.plot([int(k) for k in d], list(d.values()), marker="o", label=name)
+            longest = result["settings"]["motif"][1]  # the local repeats, plotted at their farthest
+            left.plot([longest if k == "local" else int(k) for k in d], list(d.values()), marker="o", label=name)
         left.axhline(math.log(result["settings"]["vocab"]), color="gray", ls=":", label="chance")
         left.set(xscale="log", xlabel="distance back to the copy (tokens)", ylabel="held-out loss on copied tokens (nats)")
         left.legend()
@@ -216,12 +248,14 @@ def save_plot(result: dict, path: str) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="defaults for the flags below")
-    p.add_argument("--corpus", choices=["bytes", "recurring"], default="bytes")
+    p.add_argument("--corpus", choices=["bytes", "motifs"], default="bytes")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary (bytes: 256)")
-    p.add_argument("--distances", type=int, nargs="+", default=[16, 192, 768, 3072],
-                   help="recurring corpus: how far back spans recur (cycled)")
-    p.add_argument("--span", type=int, default=16, help="recurring corpus: tokens per recurring span")
-    p.add_argument("--copied", type=float, default=0.3, help="recurring corpus: fraction of tokens that are copies (< 0.5; about 0.35 at most fits)")
+    p.add_argument("--distances", type=int, nargs="+", default=[192, 768, 3072],
+                   help="motifs corpus: how far back motifs recur (cycled; each above the longest motif)")
+    p.add_argument("--motif", type=int, nargs=2, default=[8, 24], metavar=("SHORTEST", "LONGEST"),
+                   help="motifs corpus: tokens per motif")
+    p.add_argument("--repeats", type=int, default=3, help="motifs corpus: times each motif is written in a row")
+    p.add_argument("--recurring", type=float, default=0.25, help="motifs corpus: fraction of motifs that recur from afar")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -229,13 +263,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=int, default=128)
     p.add_argument("--wide", type=int, default=4, help="window of the wide vanilla model, in segments")
     p.add_argument("--memory-sizes", type=int, nargs="*", default=[1536, 8192])
-    p.add_argument("--configs", nargs="*", default=None, help="names to run (default: all)")
+    p.add_argument("--memory-position", choices=["none", "window_start"], default="none",
+                   help="where memory layers read their memories (MemorizingConfig.memory_position)")
+    p.add_argument("--configs", nargs="*", default=None, help="names to run, in this order (default: all)")
     p.add_argument("--fresh", action="store_true",
                    help="also every XL configuration trained with its cache recomputed by the current weights (NAME-fresh)")
     p.add_argument("--doc-tokens", type=int, default=8192, help="tokens per training/validation document")
     p.add_argument("--max-docs", type=int, default=400)
     p.add_argument("--val-docs", type=int, default=8)
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--pretrain", type=int, default=0,
+                   help="first train one vanilla model this many steps; every configuration starts from its weights")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=40)
@@ -262,13 +300,13 @@ def main() -> None:
     result = {"machine": machine_info(), "settings": recorded_options(args), "paper": PAPER, "configs": {}}
     for seed in args.seeds:
         data = documents(args, seed)
+        weights = pretrain(args, seed, data[0]) if args.pretrain else None
         result["documents"] = {"train": len(data[0]), "validation": len(data[1]), "tokens_each": args.doc_tokens}
         print(f"seed {seed}: {len(data[0])} training / {len(data[1])} validation documents of {args.doc_tokens} "
               f"tokens; {args.steps} steps of {args.batch_size} x {args.segment} tokens each", flush=True)
-        for name, (config, context, refresh) in configs.items():
-            if args.configs and name not in args.configs:
-                continue
-            run = train_one(args, config, context, refresh, seed, data)
+        for name in args.configs or configs:  # in the order asked for
+            config, context, refresh = configs[name]
+            run = train_one(args, config, context, refresh, seed, data, weights)
             entry = result["configs"].setdefault(name, {
                 "context": context, "memory_layers": config.resolved_memory_layers(),
                 "max_memories": config.max_memories if config.resolved_memory_layers() else 0,

@@ -12,6 +12,7 @@ from .functional import LOGITS, MODES, knn_attention, local_attention
 from .memory import KNNMemory, check_memory_options, default_pinned, memory_for_batch
 from .positions import apply_rotary, rope_angles
 
+MEMORY_POSITIONS = ("none", "window_start")  # where KNNAttention reads its memories (class docstring)
 DEFAULT_ROPE_BASE = 10000.0  # local rotary positions of a layer with an XL cache
 
 
@@ -144,8 +145,11 @@ class KNNAttention(CausalAttention):
 
     With `xl_cache`, the previous segment is local context, and a segment enters memory only when
     it leaves the cache (the delayed write): no token is both attended locally and retrieved.
-    With `rope_base` (by default with `xl_cache`), local attention is rotary; memories are stored and
-    read without positions.
+    With `rope_base` (by default with `xl_cache`), local attention is rotary; memories are stored
+    without positions and, with memory_position="none", read without them too; "window_start"
+    reads them with the rotated query, as if every memory sat at the local window's first position
+    (just beyond the farthest local key, as InfLLM places its memories): what a rotary head has
+    learnt to match locally then matches memories the same way.
 
     Args (besides `CausalAttention`'s):
         topk: memories retrieved per query. max_memories: capacity per (row, KV head).
@@ -156,6 +160,7 @@ class KNNAttention(CausalAttention):
         memory_backend: search backend of the owned memory ("auto", "exact", "ivf", ...).
         memory: an existing `KNNMemory` to use instead of the layer's own (`attn.memory`: empty
             until the first forward, which sizes it to the input's batch and device).
+        memory_position: "none" or "window_start" (see above; needs rope_base).
     """
 
     def __init__(
@@ -174,9 +179,15 @@ class KNNAttention(CausalAttention):
         bias: bool = False,
         pinned: int | None = None,
         rope_base: float | str | None = "auto",
+        memory_position: str = "none",
     ) -> None:
         super().__init__(dim, heads, head_dim, kv_heads, xl_cache=xl_cache, rope_base=rope_base, bias=bias)
         check_choice("mode", mode, MODES)
+        check_choice("memory_position", memory_position, MEMORY_POSITIONS)
+        if memory_position != "none" and self.rope_base is None:
+            raise ValueError(f"memory_position={memory_position!r} places memories among rotary positions: "
+                             "it needs rope_base")
+        self.memory_position = memory_position
         check_choice("logits", logits, LOGITS)
         self.topk = check_positive_int("topk", topk)
         self.max_memories = check_positive_int("max_memories", max_memories)
@@ -220,12 +231,13 @@ class KNNAttention(CausalAttention):
         """x: (B, T, dim); attention_mask: optional (B, T) bool/0-1, 0 = padding. -> (B, T, dim)."""
         q, k, v, valid = self._project(x, attention_mask)
         memory = self._memory_for(x)
-        _, indices = memory.search(q.detach(), self.topk)
         local_q, local_k, local_v, mask = self._local(q, k, v, valid)
+        memory_q = local_q if self.memory_position == "window_start" else q
+        _, indices = memory.search(memory_q.detach(), self.topk)
         out = knn_attention(
             local_q, local_k, local_v, memory.keys, memory.values, indices.to(x.device), self.gate,
             memory_scale=self.memory_scale, mode=self.mode, logits=self.logits, attention_mask=mask,
-            memory_q=q,
+            memory_q=memory_q,
         )
         if self.xl_cache:  # the cached segment leaves the local context now: it enters memory
             evicted = self.cache.push(k, v, valid)

@@ -8,7 +8,8 @@ training from scratch (the paper's setting: one memory layer at ~75% depth).
     model.reset_memory()                                # before the next documents
 
 Pre-norm blocks (LayerNorm, GELU MLP), rotary positions in local attention and none for
-memories, tied input/output embeddings. Every layer keeps an optional Transformer-XL cache.
+memories (or, with memory_position="window_start", memories read as keys at the local window's
+first position), tied input/output embeddings. Every layer keeps an optional Transformer-XL cache.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class MemorizingConfig:
     xl_cache: bool = False
     rope_base: float = 10000.0
     memory_backend: str = "auto"
+    memory_position: str = "none"  # "window_start": memories read at the local window's first position (KNNAttention)
 
     def resolved_memory_layers(self) -> list[int]:
         if self.memory_layers is None:
@@ -72,7 +74,7 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
         common = dict(dim=config.dim, heads=config.heads, xl_cache=config.xl_cache, rope_base=config.rope_base)
         self.attn = (KNNAttention(**common, topk=config.topk, max_memories=config.max_memories,
-                                  memory_backend=config.memory_backend)
+                                  memory_backend=config.memory_backend, memory_position=config.memory_position)
                      if memory else CausalAttention(**common))
         hidden = config.mlp_ratio * config.dim
         self.mlp = nn.Sequential(nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim))

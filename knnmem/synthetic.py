@@ -14,42 +14,66 @@ def clustered_keys(n: int, dim: int, clusters: int = 1024, spread: float = 0.8,
     return centres[labels] + noise
 
 
-def recurring_spans(n_tokens: int, vocab_size: int, distances: list[int], span: int = 16, copied: float = 0.25,
+def repeated_motifs(n_tokens: int, vocab_size: int, distances: list[int], motif: tuple[int, int] = (16, 48),
+                    repeats: int = 3, recurring: float = 0.25,
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A document with a known answer: uniformly random tokens, among which spans of `span`
-    tokens recur verbatim at the given `distances` (the i-th recurrence at distances[i % len]),
-    `copied` of the tokens in all. A copied token (but the first of its span) can only be
-    predicted by looking back exactly its distance; every other token cannot be predicted.
+    """A document with a known answer in which copying can be learnt locally: random motifs (of
+    lengths drawn uniformly from `motif`), each written `repeats` times in a row, so that most
+    tokens repeat the token one motif back; and a fraction `recurring` of the motifs are not new
+    but recur from exactly one of `distances` back (taken in turn, skipping those with no earlier
+    motif in reach; the copy is of that motif's last repetition, placed by a few random filler
+    tokens before it), then repeat.
+    Copying at a random distance needs an induction circuit (a previous-token head, then a
+    content match); dense local repeats let it form within a few hundred steps, where sparse
+    recurrences alone leave a small model at chance for thousands (benchmarks/copy_emergence.py).
 
-    Returns (tokens (n_tokens,) int64 in [0, vocab_size), distance (n_tokens,) int64: how far back
-    the token's copy lies, 0 where it is not predictable). Copies never overlap, and a copy's
-    source is random filler used once (never another copy), so each predictable token has one
-    source. ValueError if `copied` cannot be placed (copies and sources need 2 * copied <= 1).
+    Returns (tokens (n_tokens,) int64 in [0, vocab_size), distance (n_tokens,) int64): how far
+    back the nearest earlier occurrence of the token lies, where its previous token was copied
+    from there too (every token of a repetition or recurrence but its first); 0 where nothing
+    earlier predicts the token (new motifs, filler, first tokens). Local repeats lie at distances
+    in `motif`, recurrences exactly at `distances`; a motif recurs at most once from each place,
+    so its copy has one nearest source. ValueError on arguments that cannot make such a document.
     """
-    if n_tokens <= 0 or vocab_size < 2 or span < 2 or not distances or not 0 < copied < 0.5:
-        raise ValueError(f"need n_tokens > 0, vocab_size >= 2, span >= 2, distances, 0 < copied < 0.5; got "
-                         f"{n_tokens}, {vocab_size}, {span}, {distances}, {copied}")
-    if max(distances) + span > n_tokens or min(distances) < span:
-        raise ValueError(f"distances must lie in [span={span}, n_tokens - span={n_tokens - span}], got {distances}")
-    tokens = torch.randint(vocab_size, (n_tokens,), generator=generator)
-    distance = torch.zeros(n_tokens, dtype=torch.long)
-    taken = torch.zeros(n_tokens, dtype=torch.bool)  # copies and their sources
-    wanted = round(copied * n_tokens / span)
-    free = torch.ones(n_tokens - span + 1, dtype=torch.bool)  # free[s]: no token of [s, s + span) is taken
+    low, high = motif
+    if n_tokens <= 0 or vocab_size < 2 or not 2 <= low <= high or repeats < 1 or not 0 <= recurring < 1:
+        raise ValueError(f"need n_tokens > 0, vocab_size >= 2, motif (low, high) with 2 <= low <= high, repeats >= 1, "
+                         f"0 <= recurring < 1; got {n_tokens}, {vocab_size}, {motif}, {repeats}, {recurring}")
+    if recurring and (not distances or min(distances) <= high):
+        raise ValueError(f"distances must all exceed the longest motif ({high}), got {distances}")
+    uniform = lambda n: torch.randint(vocab_size, (n,), generator=generator)  # noqa: E731
+    pieces, offsets = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    sources: list[tuple[int, int]] = []  # (start, length) of each motif's latest last repetition, by start
+    written, recurrences = 0, 0
+    longest_filler = high * repeats  # one motif's repetitions: a source lies at most that far past written - d
 
-    def take(a: int) -> None:
-        taken[a:a + span] = True
-        free[max(0, a - span + 1):a + span] = False
+    def write(tokens: torch.Tensor, distance: torch.Tensor) -> None:
+        nonlocal written
+        pieces.append(tokens)
+        offsets.append(distance)
+        written += len(tokens)
 
-    for i in range(wanted):
-        d = distances[i % len(distances)]
-        starts = (free[d:] & free[:len(free) - d]).nonzero()[:, 0] + d  # a copy at s, its source at s - d
-        if not len(starts):
-            raise ValueError(f"placed only {i} of {wanted} recurring spans (copied={copied} of {n_tokens} tokens, "
-                             f"span {span}): lower copied")
-        start = int(starts[torch.randint(len(starts), (1,), generator=generator)])
-        tokens[start:start + span] = tokens[start - d:start - d + span]
-        distance[start + 1:start + span] = d
-        take(start - d)
-        take(start)
-    return tokens, distance
+    def copied_from(d: int, length: int) -> torch.Tensor:
+        return torch.tensor([0] + [d] * (length - 1))
+
+    while written < n_tokens:
+        source = None
+        if sources and float(torch.rand((), generator=generator)) < recurring:
+            for step in range(len(distances)):  # the next distance (cyclically) with a source in reach
+                d = distances[(recurrences + step) % len(distances)]
+                near = [i for i, (start, _) in enumerate(sources) if 0 <= start - (written - d) <= longest_filler]
+                if near:
+                    source = sources.pop(near[0])
+                    recurrences += step + 1
+                    break
+            if source is not None:
+                filler = source[0] + d - written
+                write(uniform(filler), torch.zeros(filler, dtype=torch.long))
+                text = torch.cat(pieces)[source[0]:source[0] + source[1]]
+                write(text, copied_from(d, source[1]))
+        if source is None:
+            text = uniform(int(torch.randint(low, high + 1, (), generator=generator)))
+            write(text, torch.zeros(len(text), dtype=torch.long))
+        for _ in range(repeats - 1):
+            write(text, copied_from(len(text), len(text)))
+        sources.append((written - len(text), len(text)))
+    return torch.cat(pieces)[:n_tokens], torch.cat(offsets)[:n_tokens]

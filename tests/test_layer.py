@@ -131,3 +131,28 @@ def test_the_memory_exists_before_the_first_forward_and_takes_the_inputs_batch()
     assert layer.memory.counts.tolist() == [5, 5, 5]
     with pytest.raises(ValueError, match="rows must be integers in"):
         layer.reset_memory(rows=[3])
+
+
+def test_memories_read_at_the_window_start_score_as_keys_at_its_first_position():
+    """memory_position="window_start": the rotated query scores each memory (stored without
+    position) as it would score a local key at rotary position 0; one joint softmax over both."""
+    from knnmem.positions import apply_rotary, rope_angles
+
+    layer = _layer(heads=2, kv_heads=2, topk=8, mode="joint", logits="raw", rope_base=10000.0,
+                   memory_position="window_start")
+    first, second = torch.randn(1, 8, 32), torch.randn(1, 8, 32)
+    with torch.no_grad():
+        layer(first)  # no XL cache: the first segment goes to memory, all 8 retrieved below
+        out = layer(second)
+        split = lambda proj, x, h: proj(x).view(1, 8, h, layer.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = (split(p, second, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+        memory_k, memory_v = split(layer.k_proj, first, 2), split(layer.v_proj, first, 2)
+        cos, sin = rope_angles(8, layer.head_dim, 10000.0)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        local = (q @ k.transpose(-1, -2)).masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), -math.inf)
+        scores = torch.cat([local, q @ memory_k.transpose(-1, -2)], -1) * layer.head_dim**-0.5
+        expected = scores.softmax(-1) @ torch.cat([v, memory_v], 2)
+        expected = layer.o_proj(expected.transpose(1, 2).reshape(1, 8, -1))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs rope_base"):
+        _layer(memory_position="window_start", rope_base=None)
