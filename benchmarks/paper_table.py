@@ -145,9 +145,10 @@ def start_from(model: MemorizingTransformer, weights: dict[str, torch.Tensor]) -
         raise RuntimeError(f"pretrained weights do not fit: missing {missing}, unexpected {unexpected}")
 
 
-def train_one(args, config: MemorizingConfig, context: int, refresh: bool, seed: int, data,
-              weights: dict[str, torch.Tensor] | None = None) -> dict:
-    train_docs, val_docs, val_distances = data
+def trained(args, config: MemorizingConfig, context: int, refresh: bool, seed: int, data,
+            weights: dict[str, torch.Tensor] | None = None) -> tuple[MemorizingTransformer, dict, float]:
+    """(model, training log, seconds): one configuration trained `--steps` (from `weights` if given)."""
+    train_docs, val_docs, _ = data
     torch.manual_seed(seed)
     model = MemorizingTransformer(config).to(args.device)
     if weights is not None:
@@ -157,7 +158,13 @@ def train_one(args, config: MemorizingConfig, context: int, refresh: bool, seed:
                              validate_every=args.validate_every, save_every=0, seed=seed, refresh_cache=refresh)
     start = time.perf_counter()
     log = train(model, train_docs, settings, validation_documents=val_docs if args.validate_every else None)
-    seconds = time.perf_counter() - start
+    return model, log, time.perf_counter() - start
+
+
+def train_one(args, config: MemorizingConfig, context: int, refresh: bool, seed: int, data,
+              weights: dict[str, torch.Tensor] | None = None) -> dict:
+    _, val_docs, val_distances = data
+    model, log, seconds = trained(args, config, context, refresh, seed, data, weights)
     losses = token_losses(model, val_docs, args.segment, context, args.batch_size)
     tokens_per_step = args.batch_size * args.segment
     return {

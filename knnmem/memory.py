@@ -235,6 +235,14 @@ class KNNMemory:
         scores, indices = self._search.search(grouped, k)
         return scores.reshape(B, Hq, T, k), indices.reshape(B, Hq, T, k)
 
+    def ordinals(self, slots: torch.Tensor) -> torch.Tensor:
+        """Which token of its row's document (0 = the first since the row's clear) each slot holds.
+        slots: (B, ...) valid slot indices -> (B, ...) int64."""
+        M, P = self.max_memories, self.pinned
+        written = self.written.to(slots.device).view(-1, *([1] * (slots.dim() - 1)))
+        newest = P + (written - 1 - P).clamp(min=0) % (M - P)  # slot of the last FIFO token, once wrapped
+        return torch.where((written > M) & (slots >= P), written - 1 - (newest - slots) % (M - P), slots)
+
     def with_neighbours(self, indices: torch.Tensor, n: int) -> torch.Tensor:
         """Each found slot with the stored tokens up to `n` before and after it in its document.
 
@@ -248,9 +256,7 @@ class KNNMemory:
             return indices
         M, P = self.max_memories, self.pinned
         written = self.written.to(indices.device).view(-1, 1, 1, 1)
-        slots = indices.clamp(min=0)
-        newest = P + (written - 1 - P).clamp(min=0) % (M - P)  # slot of the last FIFO token, once wrapped
-        ordinal = torch.where((written > M) & (slots >= P), written - 1 - (newest - slots) % (M - P), slots)
+        ordinal = self.ordinals(indices.clamp(min=0))
         near = ordinal.unsqueeze(-1) + torch.arange(-n, n + 1, device=indices.device)  # (B, Hq, T, k, 2n+1)
         written = written.unsqueeze(-1)
         stored = (near >= 0) & (near < written) & ((near < P) | (near >= written - (M - P)))
