@@ -36,8 +36,7 @@ def retrieval_hits(model, val_docs: list[torch.Tensor], distances: torch.Tensor,
         if not len(memory):
             return
         q, k, v, valid = module._project(args[0], None)
-        if module.memory_position == "window_start":
-            q = module._local(q, k, v, valid)[0]
+        q = module.memory_query(q, module._local(q, k, v, valid)[0])
         _, slots = memory.search(q, module.topk)  # (B, H, T, k)
         ordinals = memory.ordinals(slots.clamp(min=0)).masked_fill(slots < 0, -1)
         stored, written = memory.counts, memory.written

@@ -227,12 +227,17 @@ class KNNAttention(CausalAttention):
             self.memory.clear(rows)
         super().reset_memory(rows)
 
+    def memory_query(self, q: torch.Tensor, local_q: torch.Tensor) -> torch.Tensor:
+        """The query that searches and reads memory: q (B, H, T, D) as projected, or local_q, the
+        same rotated to its window positions, with memory_position="window_start"."""
+        return local_q if self.memory_position == "window_start" else q
+
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim); attention_mask: optional (B, T) bool/0-1, 0 = padding. -> (B, T, dim)."""
         q, k, v, valid = self._project(x, attention_mask)
         memory = self._memory_for(x)
         local_q, local_k, local_v, mask = self._local(q, k, v, valid)
-        memory_q = local_q if self.memory_position == "window_start" else q
+        memory_q = self.memory_query(q, local_q)
         _, indices = memory.search(memory_q.detach(), self.topk)
         out = knn_attention(
             local_q, local_k, local_v, memory.keys, memory.values, indices.to(x.device), self.gate,

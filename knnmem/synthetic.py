@@ -42,7 +42,7 @@ def repeated_motifs(n_tokens: int, vocab_size: int, distances: list[int], motif:
         raise ValueError(f"distances must all exceed the longest motif ({high}), got {distances}")
     uniform = lambda n: torch.randint(vocab_size, (n,), generator=generator)  # noqa: E731
     pieces, offsets = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
-    sources: list[tuple[int, int]] = []  # (start, length) of each motif's latest last repetition, by start
+    sources: list[tuple[int, torch.Tensor]] = []  # (start, motif) of each motif's latest last repetition, by start
     written, recurrences = 0, 0
     longest_filler = high * repeats  # one motif's repetitions: a source lies at most that far past written - d
 
@@ -68,12 +68,12 @@ def repeated_motifs(n_tokens: int, vocab_size: int, distances: list[int], motif:
             if source is not None:
                 filler = source[0] + d - written
                 write(uniform(filler), torch.zeros(filler, dtype=torch.long))
-                text = torch.cat(pieces)[source[0]:source[0] + source[1]]
-                write(text, copied_from(d, source[1]))
+                text = source[1]
+                write(text, copied_from(d, len(text)))
         if source is None:
             text = uniform(int(torch.randint(low, high + 1, (), generator=generator)))
             write(text, torch.zeros(len(text), dtype=torch.long))
         for _ in range(repeats - 1):
             write(text, copied_from(len(text), len(text)))
-        sources.append((written - len(text), len(text)))
+        sources.append((written - len(text), text))
     return torch.cat(pieces)[:n_tokens], torch.cat(offsets)[:n_tokens]
