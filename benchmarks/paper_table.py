@@ -86,7 +86,7 @@ def utf8_bytes(text: str) -> list[int]:
 def configurations(args) -> dict[str, tuple[MemorizingConfig, int, bool]]:
     """name -> (model config, local context of the reader, refresh the XL cache in training)."""
     base = dict(vocab_size=args.vocab, dim=args.dim, depth=args.depth, heads=args.heads, topk=args.topk,
-                memory_position=args.memory_position)
+                memory_position=args.memory_position, nope_layers=args.nope_layers)
     configs = {
         "vanilla": (MemorizingConfig(**base, memory_layers=[]), 0, False),
         "xl": (MemorizingConfig(**base, memory_layers=[], xl_cache=True), 0, False),
@@ -272,6 +272,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-sizes", type=int, nargs="*", default=[1536, 8192])
     p.add_argument("--memory-position", choices=["none", "window_start"], default="none",
                    help="where memory layers read their memories (MemorizingConfig.memory_position)")
+    p.add_argument("--nope-layers", type=int, nargs="*", default=[],
+                   help="layers without rotary positions in every configuration (MemorizingConfig.nope_layers)")
     p.add_argument("--configs", nargs="*", default=None, help="names to run, in this order (default: all)")
     p.add_argument("--fresh", action="store_true",
                    help="also every XL configuration trained with its cache recomputed by the current weights (NAME-fresh)")

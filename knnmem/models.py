@@ -7,12 +7,13 @@ training from scratch (the paper's setting: one memory layer at ~75% depth).
         logits = model(segment).logits                  # memory fills as segments are read
     model.reset_memory()                                # before the next documents
 
-Pre-norm blocks (LayerNorm, GELU MLP), rotary positions in local attention and none for
-memories (or, with memory_position="window_start", memories read as keys at the local window's
+Pre-norm blocks (LayerNorm, GELU MLP), rotary positions in local attention (except in
+`nope_layers`) and none for memories (or, with memory_position="window_start", memories read as keys at the local window's
 first position), tied input/output embeddings. Every layer keeps an optional Transformer-XL cache.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,10 @@ class MemorizingConfig:
 
     memory_layers: indices of the kNN memory layers; None = one layer at 75% depth; [] = none.
     max_memories: tokens kept per (document, KV head) by each memory layer.
+    nope_layers: indices of layers whose local attention has no rotary positions (NoPE; positions
+        still reach them through the layers below). A memory layer among them matches queries to
+        keys by content alone both locally and in memory, as the paper's memory layer does under
+        T5's additive position bias: what it learns to match locally it can then find in memory.
     """
 
     vocab_size: int = 256
@@ -42,6 +47,7 @@ class MemorizingConfig:
     rope_base: float = 10000.0
     memory_backend: str = "auto"
     memory_position: str = "none"  # "window_start": memories read at the local window's first position (KNNAttention)
+    nope_layers: list[int] | None = None  # None or []: rotary positions in every layer
 
     def resolved_memory_layers(self) -> list[int]:
         if self.memory_layers is None:
@@ -53,12 +59,17 @@ class MemorizingConfig:
             check_positive_int(name, getattr(self, name))
         if self.rope_base is not None and check_number("rope_base", self.rope_base) <= 1:
             raise ValueError(f"rope_base must be a number > 1 or None (as CausalAttention's), got {self.rope_base!r}")
-        if self.memory_layers is not None and not isinstance(self.memory_layers, (list, tuple)):
-            raise ValueError(f"memory_layers must be a list of layer indices or None, got {self.memory_layers!r}")
-        bad = [i for i in (self.memory_layers or []) if isinstance(i, bool) or not isinstance(i, int)
-               or not 0 <= i < self.depth]
-        if bad:
-            raise ValueError(f"memory_layers must be layer indices in [0, depth={self.depth}), got {self.memory_layers}")
+        for name in ("memory_layers", "nope_layers"):
+            layers = getattr(self, name)
+            if layers is not None and not isinstance(layers, (list, tuple)):
+                raise ValueError(f"{name} must be a list of layer indices or None, got {layers!r}")
+            bad = [i for i in (layers or []) if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"{name} must be layer indices in [0, depth={self.depth}), got {layers}")
+        if self.nope_layers and self.memory_position != "none" and \
+                set(self.nope_layers) & set(self.resolved_memory_layers()):
+            raise ValueError(f"memory_position={self.memory_position!r} places memories among rotary positions: "
+                             f"a memory layer in nope_layers={self.nope_layers} has none")
 
 
 @dataclass
@@ -69,15 +80,24 @@ class LMOutput:
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: MemorizingConfig, memory: bool) -> None:
+    def __init__(self, config: MemorizingConfig, memory: bool, rotary: bool = True) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(config.dim), nn.LayerNorm(config.dim)
-        common = dict(dim=config.dim, heads=config.heads, xl_cache=config.xl_cache, rope_base=config.rope_base)
-        self.attn = (KNNAttention(**common, topk=config.topk, max_memories=config.max_memories,
-                                  memory_backend=config.memory_backend, memory_position=config.memory_position)
-                     if memory else CausalAttention(**common))
+        common = dict(dim=config.dim, heads=config.heads, xl_cache=config.xl_cache,
+                      rope_base=config.rope_base if rotary else None)
+        with warnings.catch_warnings():
+            if not rotary:  # a NoPE layer's XL cache is placed by the rotary layers below it
+                warnings.filterwarnings("ignore", message="xl_cache=True without rope_base")
+            self.attn = self._attention(config, memory, common)
         hidden = config.mlp_ratio * config.dim
         self.mlp = nn.Sequential(nn.Linear(config.dim, hidden), nn.GELU(), nn.Linear(hidden, config.dim))
+
+    @staticmethod
+    def _attention(config: MemorizingConfig, memory: bool, common: dict) -> nn.Module:
+        if not memory:
+            return CausalAttention(**common)
+        return KNNAttention(**common, topk=config.topk, max_memories=config.max_memories,
+                            memory_backend=config.memory_backend, memory_position=config.memory_position)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attention_mask)
@@ -91,9 +111,10 @@ class MemorizingTransformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        memory_layers = set(config.resolved_memory_layers())
+        memory_layers, nope_layers = set(config.resolved_memory_layers()), set(config.nope_layers or [])
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config, i in memory_layers) for i in range(config.depth))
+        self.blocks = nn.ModuleList(Block(config, i in memory_layers, rotary=i not in nope_layers)
+                                    for i in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
         self.apply(self._init)
 

@@ -313,11 +313,12 @@ def test_repeated_motifs_copy_from_one_nearest_source_at_the_given_distances():
             repeated_motifs(4096, 64, **{**dict(distances=[160], motif=(8, 24)), **bad})
 
 
-def test_an_xl_model_reads_the_second_segment_as_a_plain_model_reads_both():
+@pytest.mark.parametrize("nope_layers", [None, [1, 2]])
+def test_an_xl_model_reads_the_second_segment_as_a_plain_model_reads_both(nope_layers):
     """At init and with autograd on: the XL cache holds exactly the keys/values a plain model
-    computes for the first segment, at every layer (positions included)."""
+    computes for the first segment, at every layer (positions included; NoPE layers too)."""
     torch.manual_seed(0)
-    base = dict(vocab_size=256, dim=64, depth=3, heads=4, memory_layers=[])
+    base = dict(vocab_size=256, dim=64, depth=3, heads=4, memory_layers=[], nope_layers=nope_layers)
     plain = MemorizingTransformer(MemorizingConfig(**base))
     xl = MemorizingTransformer(MemorizingConfig(**base, xl_cache=True))
     xl.load_state_dict(plain.state_dict())
@@ -374,3 +375,21 @@ def test_refresh_cache_recomputes_the_xl_cache_with_current_weights_and_writes_n
     with pytest.raises(ValueError, match="refresh_cache=True needs a model with XL caches"):
         train(torch.nn.Linear(2, 2), [torch.zeros(64, dtype=torch.long)] * 2,
               TrainSettings(steps=1, segment=16, batch_size=1, refresh_cache=True), progress=False)
+
+
+def test_nope_layers_attend_without_positions_and_keep_the_weights_of_their_rotary_twin(recwarn):
+    """nope_layers: those layers' local attention is unrotated (no XL warning: the layers below
+    place the cache), the rest rotary; the weights are the rotary model's, so a pretrained rotary
+    model loads; a memory layer among them cannot read memories at rotary positions."""
+    base = dict(vocab_size=64, dim=32, depth=3, heads=2, xl_cache=True, memory_layers=[2])
+    nope = MemorizingTransformer(MemorizingConfig(**base, nope_layers=[2]))
+    assert [block.attn.rope_base for block in nope.blocks] == [10000.0, 10000.0, None]
+    assert not [w for w in recwarn if "rope_base" in str(w.message)]
+    rotary = MemorizingTransformer(MemorizingConfig(**base))
+    nope.load_state_dict(rotary.state_dict())  # strict: the same parameters
+    ids = torch.randint(64, (1, 16))
+    assert not torch.allclose(nope(ids).logits, rotary(ids).logits)  # the last layer sees no positions
+    with pytest.raises(ValueError, match="nope_layers must be layer indices"):
+        MemorizingConfig(**base, nope_layers=[3]).validate()
+    with pytest.raises(ValueError, match="a memory layer in nope_layers"):
+        MemorizingConfig(**base, nope_layers=[2], memory_position="window_start").validate()
