@@ -8,8 +8,9 @@ training from scratch (the paper's setting: one memory layer at ~75% depth).
     model.reset_memory()                                # before the next documents
 
 Pre-norm blocks (LayerNorm, GELU MLP), rotary positions in local attention (except in
-`nope_layers`) and none for memories (or, with memory_position="window_start", memories read as keys at the local window's
-first position), tied input/output embeddings. Every layer keeps an optional Transformer-XL cache.
+`nope_layers`) and none for memories (or, with memory_position="window_start", memories read as
+keys at the local window's first position), tied input/output embeddings. Every layer keeps an
+optional Transformer-XL cache.
 """
 from __future__ import annotations
 
